@@ -1,0 +1,161 @@
+//! Records shared by the eBPF programs and the CLI.
+//!
+//! Every record in the ring buffer starts with a `kind` byte so the reader can
+//! tell a state change from a wire segment before it looks at the rest. Layouts
+//! are `#[repr(C)]` with explicit padding so both sides agree byte for byte.
+#![no_std]
+
+pub const EVENT_STATE: u8 = 1;
+pub const EVENT_SEGMENT: u8 = 2;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+pub const TASK_COMM_LEN: usize = 16;
+/// TCP options fit in 40 bytes (data offset 15 words minus the fixed header).
+pub const TCP_OPTIONS_MAX: usize = 40;
+/// Most ports `--port` can name; the kernel side loops over this many.
+pub const MAX_PORTS: usize = 8;
+
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// One call of the `sock:inet_sock_set_state` tracepoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StateEvent {
+    pub kind: u8,
+    pub oldstate: u8,
+    pub newstate: u8,
+    /// 1 when pid/comm come from the socket's owner (captured in process
+    /// context), 0 when no owner was ever seen and they are the interrupted task.
+    pub owner_known: u8,
+    pub family: u16,
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad0: u16,
+    pub pid: u32,
+    pub ts_ns: u64,
+    pub skaddr: u64,
+    /// Time spent in `oldstate`, 0 when this socket was not seen entering it.
+    pub prev_state_ns: u64,
+    pub netns: u32,
+    pub _pad1: u32,
+    /// IPv4 addresses use the first four bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// One TCP control segment seen by a TC classifier.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SegmentEvent {
+    pub kind: u8,
+    pub dir: u8,
+    /// The TCP flags byte as on the wire (FIN=0x01 … CWR=0x80).
+    pub flags: u8,
+    /// Bytes of `options` that are valid.
+    pub opt_len: u8,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    /// Raw window field, not scaled.
+    pub win: u16,
+    pub ifindex: u32,
+    pub ts_ns: u64,
+    pub seq: u32,
+    pub ack: u32,
+    /// TCP payload bytes (a GSO/GRO super-segment counts all of them).
+    pub len: u32,
+    pub netns: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Raw TCP options; decoded in userspace.
+    pub options: [u8; TCP_OPTIONS_MAX],
+}
+
+/// Filters applied in the kernel, set by the CLI as a read-only global.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Filter {
+    /// Match either side's port against these; `nports == 0` means any.
+    pub ports: [u16; MAX_PORTS],
+    pub nports: u16,
+    /// 0 = any, else AF_INET or AF_INET6.
+    pub family: u16,
+    /// 0 = no filter, else the family of `laddr` / `raddr`.
+    pub laddr_family: u16,
+    pub raddr_family: u16,
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
+    /// Network namespace inode stamped on segments (TC programs cannot see it).
+    pub netns: u32,
+    /// Byte offsets, read from the running kernel's BTF, to go from a
+    /// `struct sock *` to its namespace's inode number. 0 disables the lookup.
+    pub off_sk_net: u32,
+    pub off_net_ns_inum: u32,
+    pub _pad: u32,
+}
+
+impl Filter {
+    pub const fn zeroed() -> Self {
+        Filter {
+            ports: [0; MAX_PORTS],
+            nports: 0,
+            family: 0,
+            laddr_family: 0,
+            raddr_family: 0,
+            laddr: [0; 16],
+            raddr: [0; 16],
+            netns: 0,
+            off_sk_net: 0,
+            off_net_ns_inum: 0,
+            _pad: 0,
+        }
+    }
+}
+
+/// Per-socket record kept by the kernel side (LRU, removed at CLOSE).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SockInfo {
+    /// When the socket entered its current state.
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub owner_known: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// Owner of a listening socket, keyed by (netns, port), so that children
+/// created in softirq can inherit it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenKey {
+    pub netns: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A flow waiting for the ACK that completes a handshake or acknowledges a FIN.
+/// Keyed in the direction of that ACK.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, every bit pattern valid, no padding left implicit.
+    unsafe impl aya::Pod for super::Filter {}
+    unsafe impl aya::Pod for super::SockInfo {}
+    unsafe impl aya::Pod for super::ListenKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
+}

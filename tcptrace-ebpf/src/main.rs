@@ -1,0 +1,495 @@
+//! Kernel side of tcptrace: parse, filter early, emit. Every interpretation
+//! (state names, step names, option decoding) happens in userspace.
+//!
+//! - `inet_sock_set_state` (tracepoint): one `StateEvent` per TCP state change,
+//!   attributed to the socket's owner rather than to whoever was interrupted.
+//! - `inet_csk_accept` (fexit): the accepting process becomes a child's owner.
+//! - `tc_*` (TC classifiers): one `SegmentEvent` per control segment (SYN, FIN,
+//!   RST, and the pure ACKs that complete a handshake or acknowledge a FIN).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{classifier, fexit, map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{FExitContext, TcContext, TracePointContext},
+};
+use aya_log_ebpf::warn;
+use tcptrace_common::{
+    FlowKey, ListenKey, SegmentEvent, SockInfo, StateEvent, AF_INET, AF_INET6, DIR_EGRESS,
+    DIR_INGRESS, EVENT_SEGMENT, EVENT_STATE, MAX_PORTS, TASK_COMM_LEN, TCP_OPTIONS_MAX,
+};
+
+/// Set by the CLI before load; read-only for the verifier, so disabled
+/// filters cost a compare each.
+#[no_mangle]
+static FILTER: tcptrace_common::Filter = tcptrace_common::Filter::zeroed();
+
+/// Both kinds of event share one ring so they arrive on one clock, in order
+/// per CPU. The CLI sets the size (`--ring-size`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Events that found the ring full; the CLI reads and reports the sum.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-socket owner and time of the last state change, keyed by `struct sock *`.
+#[map]
+static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// Owners of listening sockets, so children created in softirq inherit them.
+#[map]
+static LISTENERS: HashMap<ListenKey, SockInfo> = HashMap::with_max_entries(4096, 0);
+
+/// Flows waiting for a handshake-completing ACK or the ACK of a FIN; the value
+/// is the ack number that segment must carry. Bulk data costs one lookup here.
+#[map]
+static FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(65536, 0);
+
+// RFC 9293 states with the kernel's numbering (include/net/tcp_states.h).
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_FIN_WAIT1: i32 = 4;
+const TCP_CLOSE: i32 = 7;
+const TCP_CLOSE_WAIT: i32 = 8;
+const TCP_LAST_ACK: i32 = 9;
+const TCP_LISTEN: i32 = 10;
+
+const IPPROTO_TCP: u8 = 6;
+const TC_ACT_UNSPEC: i32 = -1;
+
+const TH_FIN: u8 = 0x01;
+const TH_SYN: u8 = 0x02;
+const TH_RST: u8 = 0x04;
+const TH_ACK: u8 = 0x10;
+
+#[inline(always)]
+fn filter() -> &'static tcptrace_common::Filter {
+    // SAFETY: read of an immutable global the loader patched before load.
+    unsafe { &*core::ptr::read_volatile(&&FILTER) }
+}
+
+#[inline(always)]
+fn count_lost() {
+    if let Some(n) = LOST.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *n += 1 };
+    }
+}
+
+#[inline(always)]
+fn addr_eq(a: &[u8; 16], b: &[u8; 16], family: u16) -> bool {
+    let n = if family == AF_INET { 4 } else { 16 };
+    let mut i = 0;
+    while i < n {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Shared by both programs: true when the user wants this 4-tuple.
+#[inline(always)]
+fn wanted(family: u16, local: &[u8; 16], remote: &[u8; 16], lport: u16, rport: u16) -> bool {
+    let f = filter();
+    if f.family != 0 && f.family != family {
+        return false;
+    }
+    if f.nports != 0 {
+        let mut hit = false;
+        let mut i = 0;
+        while i < MAX_PORTS {
+            if (i as u16) < f.nports && (f.ports[i] == lport || f.ports[i] == rport) {
+                hit = true;
+            }
+            i += 1;
+        }
+        if !hit {
+            return false;
+        }
+    }
+    if f.laddr_family != 0 && (f.laddr_family != family || !addr_eq(&f.laddr, local, family)) {
+        return false;
+    }
+    if f.raddr_family != 0 && (f.raddr_family != family || !addr_eq(&f.raddr, remote, family)) {
+        return false;
+    }
+    true
+}
+
+#[inline(always)]
+fn current_owner(ts_ns: u64) -> SockInfo {
+    SockInfo {
+        ts_ns,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        owner_known: 1,
+        comm: bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN]),
+    }
+}
+
+/// Namespace inode of a socket: sk->__sk_common.skc_net.net->ns.inum, with
+/// offsets the CLI read from this kernel's BTF.
+#[inline(always)]
+fn sock_netns(skaddr: u64) -> u32 {
+    let f = filter();
+    if f.off_sk_net == 0 {
+        return 0;
+    }
+    // SAFETY: bpf_probe_read_kernel tolerates bad pointers (returns an error).
+    unsafe {
+        let net: u64 = match bpf_probe_read_kernel((skaddr + f.off_sk_net as u64) as *const u64) {
+            Ok(p) => p,
+            Err(_) => return 0,
+        };
+        bpf_probe_read_kernel((net + f.off_net_ns_inum as u64) as *const u32).unwrap_or(0)
+    }
+}
+
+// Field offsets of sock:inet_sock_set_state; the CLI checks them against the
+// running kernel's format file before it attaches.
+const TP_SKADDR: usize = 8;
+const TP_OLDSTATE: usize = 16;
+const TP_NEWSTATE: usize = 20;
+const TP_SPORT: usize = 24;
+const TP_DPORT: usize = 26;
+const TP_FAMILY: usize = 28;
+const TP_PROTOCOL: usize = 30;
+const TP_SADDR: usize = 32;
+const TP_DADDR: usize = 36;
+const TP_SADDR_V6: usize = 40;
+const TP_DADDR_V6: usize = 56;
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_state(&ctx);
+    0
+}
+
+fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
+    // SAFETY: offsets checked against the tracepoint's format by the CLI.
+    unsafe {
+        if ctx.read_at::<u16>(TP_PROTOCOL)? != IPPROTO_TCP as u16 {
+            return Ok(());
+        }
+        let family: u16 = ctx.read_at(TP_FAMILY)?;
+        let sport: u16 = ctx.read_at(TP_SPORT)?;
+        let dport: u16 = ctx.read_at(TP_DPORT)?;
+        let mut saddr = [0u8; 16];
+        let mut daddr = [0u8; 16];
+        if family == AF_INET {
+            let s: [u8; 4] = ctx.read_at(TP_SADDR)?;
+            let d: [u8; 4] = ctx.read_at(TP_DADDR)?;
+            saddr[..4].copy_from_slice(&s);
+            daddr[..4].copy_from_slice(&d);
+        } else if family == AF_INET6 {
+            saddr = ctx.read_at(TP_SADDR_V6)?;
+            daddr = ctx.read_at(TP_DADDR_V6)?;
+        } else {
+            return Ok(());
+        }
+        if !wanted(family, &saddr, &daddr, sport, dport) {
+            return Ok(());
+        }
+        let skaddr: u64 = ctx.read_at(TP_SKADDR)?;
+        let oldstate: i32 = ctx.read_at(TP_OLDSTATE)?;
+        let newstate: i32 = ctx.read_at(TP_NEWSTATE)?;
+        let now = bpf_ktime_get_ns();
+        let netns = sock_netns(skaddr);
+
+        // These transitions run in the owning process (connect, listen,
+        // close/shutdown); the rest often run in softirq on behalf of
+        // whichever task was interrupted, so they keep the recorded owner.
+        let owner_ctx = matches!(
+            (oldstate, newstate),
+            (TCP_CLOSE, TCP_SYN_SENT)
+                | (TCP_CLOSE, TCP_LISTEN)
+                | (TCP_ESTABLISHED, TCP_FIN_WAIT1)
+                | (TCP_CLOSE_WAIT, TCP_LAST_ACK)
+        );
+        let listen_key = ListenKey { netns, port: sport, _pad: 0 };
+        let known = SOCKS.get(&skaddr).copied();
+        let mut info = match known {
+            Some(i) => i,
+            None if oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV => {
+                // A passively opened child: it belongs to its listener's owner
+                // until accept() says who took it.
+                LISTENERS.get(&listen_key).copied().unwrap_or(SockInfo {
+                    owner_known: 0,
+                    ..current_owner(0)
+                })
+            }
+            None => SockInfo { owner_known: 0, ..current_owner(0) },
+        };
+        let prev_state_ns = if known.is_some() && info.ts_ns != 0 { now - info.ts_ns } else { 0 };
+        if owner_ctx {
+            info = current_owner(info.ts_ns);
+        }
+
+        match EVENTS.reserve::<StateEvent>(0) {
+            Some(mut entry) => {
+                entry.write(StateEvent {
+                    kind: EVENT_STATE,
+                    oldstate: oldstate as u8,
+                    newstate: newstate as u8,
+                    owner_known: info.owner_known as u8,
+                    family,
+                    sport,
+                    dport,
+                    _pad0: 0,
+                    pid: info.pid,
+                    ts_ns: now,
+                    skaddr,
+                    prev_state_ns,
+                    netns,
+                    _pad1: 0,
+                    saddr,
+                    daddr,
+                    comm: info.comm,
+                });
+                entry.submit(0);
+            }
+            None => {
+                count_lost();
+                warn!(ctx, "tcptrace: ring buffer full, state change dropped");
+            }
+        }
+
+        if newstate == TCP_LISTEN {
+            let _ = LISTENERS.insert(&listen_key, &info, 0);
+        } else if oldstate == TCP_LISTEN && newstate == TCP_CLOSE {
+            let _ = LISTENERS.remove(&listen_key);
+        }
+        if newstate == TCP_CLOSE {
+            let _ = SOCKS.remove(&skaddr);
+        } else {
+            info.ts_ns = now;
+            let _ = SOCKS.insert(&skaddr, &info, 0);
+        }
+    }
+    Ok(())
+}
+
+/// accept() runs in the process that takes the child: it is the owner from now on.
+#[fexit(function = "inet_csk_accept")]
+pub fn inet_csk_accept(ctx: FExitContext) -> i32 {
+    let sk: u64 = match ctx.ret::<u64>() {
+        Ok(sk) if sk != 0 => sk,
+        _ => return 0,
+    };
+    if let Some(info) = SOCKS.get_ptr_mut(&sk) {
+        let owner = current_owner(0);
+        // SAFETY: map value pointer from a successful lookup.
+        unsafe {
+            (*info).pid = owner.pid;
+            (*info).comm = owner.comm;
+            (*info).owner_known = 1;
+        }
+    }
+    0
+}
+
+// One pair of classifiers per link-layer framing: `tc_*` for interfaces with an
+// Ethernet header (loopback included), `tc_*_l3` for those without (tun,
+// wireguard), so the parser never guesses where the IP header starts.
+#[classifier]
+pub fn tc_ingress(ctx: TcContext) -> i32 {
+    let _ = try_segment(&ctx, DIR_INGRESS, 14);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    let _ = try_segment(&ctx, DIR_EGRESS, 14);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn tc_ingress_l3(ctx: TcContext) -> i32 {
+    let _ = try_segment(&ctx, DIR_INGRESS, 0);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn tc_egress_l3(ctx: TcContext) -> i32 {
+    let _ = try_segment(&ctx, DIR_EGRESS, 0);
+    TC_ACT_UNSPEC
+}
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
+#[inline(always)]
+fn try_segment(ctx: &TcContext, dir: u8, l2_len: usize) -> Result<(), i64> {
+    // SAFETY: ctx.skb points at the __sk_buff the kernel handed us.
+    let (proto, ifindex, skb_len) = unsafe {
+        let skb = &*ctx.skb.skb;
+        (u16::from_be(skb.protocol as u16), skb.ifindex, skb.len)
+    };
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    let family;
+    let l4: usize;
+    // Bytes from the TCP header to the end of the IP payload; 0 when the IP
+    // header does not say (IPv6 jumbograms, BIG TCP), then the skb length is used.
+    let ip_payload: u32;
+    if proto == ETH_P_IP {
+        family = AF_INET;
+        let vihl: u8 = ctx.load(l2_len)?;
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if vihl >> 4 != 4 || ihl < 20 {
+            return Ok(());
+        }
+        if ctx.load::<u8>(l2_len + 9)? != IPPROTO_TCP {
+            return Ok(());
+        }
+        // A non-first fragment carries no TCP header.
+        if u16::from_be(ctx.load::<u16>(l2_len + 6)?) & 0x1fff != 0 {
+            return Ok(());
+        }
+        let tot_len = u16::from_be(ctx.load::<u16>(l2_len + 2)?) as u32;
+        ip_payload = tot_len.saturating_sub(ihl as u32);
+        let s: [u8; 4] = ctx.load(l2_len + 12)?;
+        let d: [u8; 4] = ctx.load(l2_len + 16)?;
+        saddr[..4].copy_from_slice(&s);
+        daddr[..4].copy_from_slice(&d);
+        l4 = l2_len + ihl;
+    } else if proto == ETH_P_IPV6 {
+        family = AF_INET6;
+        let payload_len = u16::from_be(ctx.load::<u16>(l2_len + 4)?) as u32;
+        let mut next: u8 = ctx.load(l2_len + 6)?;
+        saddr = ctx.load(l2_len + 8)?;
+        daddr = ctx.load(l2_len + 24)?;
+        let mut off = l2_len + 40;
+        // Walk the extension headers a TCP segment may sit behind; anything
+        // else (fragments, ESP, no-next-header) is skipped, never misparsed.
+        let mut i = 0;
+        while i < 6 && next != IPPROTO_TCP {
+            let hdr: [u8; 2] = ctx.load(off)?;
+            off += match next {
+                0 | 43 | 60 => (hdr[1] as usize + 1) * 8,
+                51 => (hdr[1] as usize + 2) * 4,
+                _ => return Ok(()),
+            };
+            next = hdr[0];
+            i += 1;
+        }
+        if next != IPPROTO_TCP {
+            return Ok(());
+        }
+        let ext = (off - l2_len - 40) as u32;
+        ip_payload = if payload_len == 0 { 0 } else { payload_len.saturating_sub(ext) };
+        l4 = off;
+    } else {
+        return Ok(());
+    }
+
+    let ports: [u8; 4] = ctx.load(l4)?;
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
+    let (local, remote, lport, rport) = if dir == DIR_EGRESS {
+        (&saddr, &daddr, sport, dport)
+    } else {
+        (&daddr, &saddr, dport, sport)
+    };
+    if !wanted(family, local, remote, lport, rport) {
+        return Ok(());
+    }
+    let doff_flags: [u8; 2] = ctx.load(l4 + 12)?;
+    let doff = ((doff_flags[0] >> 4) as usize) * 4;
+    let flags = doff_flags[1];
+    if doff < 20 {
+        return Ok(());
+    }
+    let seq = u32::from_be(ctx.load::<u32>(l4 + 4)?);
+    let ack = u32::from_be(ctx.load::<u32>(l4 + 8)?);
+    let tcp_and_payload = if ip_payload != 0 { ip_payload } else { skb_len.saturating_sub(l4 as u32) };
+    let len = tcp_and_payload.saturating_sub(doff as u32);
+
+    let key = FlowKey { saddr, daddr, sport, dport, family, _pad: 0 };
+    let control = flags & (TH_SYN | TH_FIN | TH_RST) != 0;
+    let mut emit = control;
+    if flags & TH_ACK != 0 {
+        // SAFETY: value copied out right away.
+        if let Some(expected) = unsafe { FLOWS.get(&key) } {
+            if *expected == ack {
+                emit = true;
+                let _ = FLOWS.remove(&key);
+            }
+        }
+    }
+    if !emit {
+        return Ok(());
+    }
+    // Wait for the segment that will answer this one, in the other direction.
+    if control && flags & TH_RST == 0 && (flags & TH_FIN != 0 || flags & TH_ACK != 0) {
+        let reply = FlowKey { saddr: daddr, daddr: saddr, sport: dport, dport: sport, family, _pad: 0 };
+        // SYN-ACK occupies one sequence number; a FIN one after its payload.
+        let syn = (flags & TH_SYN != 0) as u32;
+        let fin = (flags & TH_FIN != 0) as u32;
+        let expected = seq.wrapping_add(syn).wrapping_add(len).wrapping_add(fin);
+        let _ = FLOWS.insert(&reply, &expected, 0);
+    }
+
+    let netns = filter().netns;
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    match EVENTS.reserve::<SegmentEvent>(0) {
+        Some(mut entry) => {
+            let opt_len = (doff - 20) as u32;
+            let ev = entry.as_mut_ptr();
+            // SAFETY: `ev` points at a reserved, exclusively owned record.
+            unsafe {
+                (*ev).kind = EVENT_SEGMENT;
+                (*ev).dir = dir;
+                (*ev).flags = flags;
+                (*ev).opt_len = 0;
+                (*ev).family = family;
+                (*ev).sport = sport;
+                (*ev).dport = dport;
+                (*ev).win = u16::from_be(ctx.load::<u16>(l4 + 14).unwrap_or(0));
+                (*ev).ifindex = ifindex;
+                (*ev).ts_ns = ts_ns;
+                (*ev).seq = seq;
+                (*ev).ack = ack;
+                (*ev).len = len;
+                (*ev).netns = netns;
+                (*ev).saddr = saddr;
+                (*ev).daddr = daddr;
+                (*ev).options = [0; TCP_OPTIONS_MAX];
+                // Bounded for the verifier: 1..=40 bytes straight into the record.
+                let n = opt_len & 0x3f;
+                if n > 0 && n <= TCP_OPTIONS_MAX as u32 {
+                    let dst = core::ptr::addr_of_mut!((*ev).options) as *mut core::ffi::c_void;
+                    if aya_ebpf::helpers::generated::bpf_skb_load_bytes(
+                        ctx.skb.skb as *const _,
+                        (l4 + 20) as u32,
+                        dst,
+                        n,
+                    ) == 0
+                    {
+                        (*ev).opt_len = n as u8;
+                    }
+                }
+            }
+            entry.submit(0);
+        }
+        None => {
+            count_lost();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,14 @@
+//! tcptrace: the Linux TCP state machine, step by step, next to the segments
+//! that drive it.
+//!
+//! The data's path, one module per stage:
+//! - [`bpf`]: load the eBPF object and attach it (tracepoint, fexit, TC).
+//! - [`reader`]: drain the ring buffer(s) without busy polling.
+//! - [`decode`]: kernel records (`tcptrace-common`) → [`event::Event`].
+//! - [`pcap`]: capture files → [`event::Event`] (no root needed).
+//! - [`matcher`]: events → one explained record per connection (pure).
+//! - [`render`] and [`timeline`]: lines, JSON and timelines for people and scripts.
+pub mod event;
+pub mod matcher;
+pub mod pcap;
+pub mod timeline;
