@@ -96,6 +96,14 @@ pub struct Filter {
     /// `struct sock *` to its namespace's inode number. 0 disables the lookup.
     pub off_sk_net: u32,
     pub off_net_ns_inum: u32,
+    /// Offsets from the current task to the `struct sock` behind a file
+    /// descriptor: task->files->fdt->fd[n]->private_data (a `struct socket`)
+    /// ->sk. Used at accept() to name a child's owner. 0 disables it.
+    pub off_task_files: u32,
+    pub off_files_fdt: u32,
+    pub off_fdt_fd: u32,
+    pub off_file_private_data: u32,
+    pub off_socket_sk: u32,
     pub _pad: u32,
 }
 
@@ -112,6 +120,11 @@ impl Filter {
             netns: 0,
             off_sk_net: 0,
             off_net_ns_inum: 0,
+            off_task_files: 0,
+            off_files_fdt: 0,
+            off_fdt_fd: 0,
+            off_file_private_data: 0,
+            off_socket_sk: 0,
             _pad: 0,
         }
     }

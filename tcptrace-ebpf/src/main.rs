@@ -1,19 +1,20 @@
 //! Kernel side of tcptrace: parse, filter early, emit. Every interpretation
 //! (state names, step names, option decoding) happens in userspace.
 //!
-//! - `inet_sock_set_state` (tracepoint): one `StateEvent` per TCP state change,
+//! - `tcptrace_state` (tracepoint sock:inet_sock_set_state): one `StateEvent` per TCP state change,
 //!   attributed to the socket's owner rather than to whoever was interrupted.
-//! - `inet_csk_accept` (fexit): the accepting process becomes a child's owner.
-//! - `tc_*` (TC classifiers): one `SegmentEvent` per control segment (SYN, FIN,
+//! - `tcptrace_accept`, `tcptrace_accept4` (tracepoints syscalls:sys_exit_accept*): the
+//!   accepting process becomes a child's owner.
+//! - `tcptrace_in`, `tcptrace_eg` (TC classifiers): one `SegmentEvent` per control segment (SYN, FIN,
 //!   RST, and the pure ACKs that complete a handshake or acknowledge a FIN).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{classifier, fexit, map, tracepoint},
+    macros::{classifier, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{FExitContext, TcContext, TracePointContext},
+    programs::{TcContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use tcptrace_common::{
@@ -165,7 +166,7 @@ const TP_SADDR_V6: usize = 40;
 const TP_DADDR_V6: usize = 56;
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+pub fn tcptrace_state(ctx: TracePointContext) -> u32 {
     let _ = try_state(&ctx);
     0
 }
@@ -274,48 +275,78 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// accept() runs in the process that takes the child: it is the owner from now on.
-#[fexit(function = "inet_csk_accept")]
-pub fn inet_csk_accept(ctx: FExitContext) -> i32 {
-    let sk: u64 = match ctx.ret::<u64>() {
-        Ok(sk) if sk != 0 => sk,
-        _ => return 0,
-    };
-    if let Some(info) = SOCKS.get_ptr_mut(&sk) {
-        let owner = current_owner(0);
-        // SAFETY: map value pointer from a successful lookup.
-        unsafe {
+/// accept() runs in the process that takes the child: it is the owner from
+/// now on. fentry/fexit (tracing programs) are not available on every kernel
+/// (nor kprobes), so this reads the returned descriptor's socket at syscall
+/// exit instead: task->files->fdt->fd[ret]->private_data->sk.
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn tcptrace_accept4(ctx: TracePointContext) -> u32 {
+    let _ = try_accept(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn tcptrace_accept(ctx: TracePointContext) -> u32 {
+    let _ = try_accept(&ctx);
+    0
+}
+
+/// Offset of `long ret` in the syscalls:sys_exit_* tracepoints.
+const TP_SYSCALL_RET: usize = 16;
+
+fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
+    let f = filter();
+    if f.off_task_files == 0 {
+        return Ok(());
+    }
+    // SAFETY: every pointer is read with bpf_probe_read_kernel, which fails
+    // cleanly on a bad address.
+    unsafe {
+        let fd: i64 = ctx.read_at(TP_SYSCALL_RET)?;
+        if !(0..65536).contains(&fd) {
+            return Ok(());
+        }
+        let task = aya_ebpf::helpers::bpf_get_current_task();
+        let files: u64 = bpf_probe_read_kernel((task + f.off_task_files as u64) as *const u64)?;
+        let fdt: u64 = bpf_probe_read_kernel((files + f.off_files_fdt as u64) as *const u64)?;
+        let fds: u64 = bpf_probe_read_kernel((fdt + f.off_fdt_fd as u64) as *const u64)?;
+        let file: u64 = bpf_probe_read_kernel((fds + fd as u64 * 8) as *const u64)?;
+        let sock: u64 = bpf_probe_read_kernel((file + f.off_file_private_data as u64) as *const u64)?;
+        let sk: u64 = bpf_probe_read_kernel((sock + f.off_socket_sk as u64) as *const u64)?;
+        // Only sockets already tracked (so filtered ones stay untouched).
+        if let Some(info) = SOCKS.get_ptr_mut(&sk) {
+            let owner = current_owner(0);
             (*info).pid = owner.pid;
             (*info).comm = owner.comm;
             (*info).owner_known = 1;
         }
     }
-    0
+    Ok(())
 }
 
-// One pair of classifiers per link-layer framing: `tc_*` for interfaces with an
-// Ethernet header (loopback included), `tc_*_l3` for those without (tun,
+// One pair of classifiers per link-layer framing: `tcptrace_in`/`tcptrace_eg` for interfaces with an
+// Ethernet header (loopback included), `*_l3` for those without (tun,
 // wireguard), so the parser never guesses where the IP header starts.
 #[classifier]
-pub fn tc_ingress(ctx: TcContext) -> i32 {
+pub fn tcptrace_in(ctx: TcContext) -> i32 {
     let _ = try_segment(&ctx, DIR_INGRESS, 14);
     TC_ACT_UNSPEC
 }
 
 #[classifier]
-pub fn tc_egress(ctx: TcContext) -> i32 {
+pub fn tcptrace_eg(ctx: TcContext) -> i32 {
     let _ = try_segment(&ctx, DIR_EGRESS, 14);
     TC_ACT_UNSPEC
 }
 
 #[classifier]
-pub fn tc_ingress_l3(ctx: TcContext) -> i32 {
+pub fn tcptrace_in_l3(ctx: TcContext) -> i32 {
     let _ = try_segment(&ctx, DIR_INGRESS, 0);
     TC_ACT_UNSPEC
 }
 
 #[classifier]
-pub fn tc_egress_l3(ctx: TcContext) -> i32 {
+pub fn tcptrace_eg_l3(ctx: TcContext) -> i32 {
     let _ = try_segment(&ctx, DIR_EGRESS, 0);
     TC_ACT_UNSPEC
 }
@@ -461,7 +492,9 @@ fn try_segment(ctx: &TcContext, dir: u8, l2_len: usize) -> Result<(), i64> {
                 (*ev).daddr = daddr;
                 (*ev).options = [0; TCP_OPTIONS_MAX];
                 // Bounded for the verifier: 1..=40 bytes straight into the record.
-                let n = opt_len & 0x3f;
+                // The volatile read keeps LLVM from dropping the mask the
+                // verifier needs to see (it knows doff <= 60; the verifier does not).
+                let n = core::ptr::read_volatile(&opt_len) & 0x3f;
                 if n > 0 && n <= TCP_OPTIONS_MAX as u32 {
                     let dst = core::ptr::addr_of_mut!((*ev).options) as *mut core::ffi::c_void;
                     if aya_ebpf::helpers::generated::bpf_skb_load_bytes(

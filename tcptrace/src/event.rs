@@ -267,6 +267,10 @@ pub struct StateChange {
     pub netns: u32,
 }
 
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
 fn hex_addr<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&format_args!("{v:#x}"))
 }
@@ -294,8 +298,8 @@ pub struct Segment {
     /// Payload bytes.
     pub len: u32,
     pub options: TcpOptions,
-    /// Network namespace inode of the interface (live); 0 for capture files.
-    #[serde(skip)]
+    /// Network namespace inode of the interface (live); 0 (omitted) for capture files.
+    #[serde(skip_serializing_if = "is_zero")]
     pub netns: u32,
 }
 

@@ -2,13 +2,21 @@
 //! that drive it.
 //!
 //! The data's path, one module per stage:
-//! - [`bpf`]: load the eBPF object and attach it (tracepoint, fexit, TC).
+//! - [`bpf`]: load the eBPF object and attach it (tracepoint, fexit, TC),
+//!   with [`netns`] and [`btf`] as its helpers.
 //! - [`reader`]: drain the ring buffer(s) without busy polling.
 //! - [`decode`]: kernel records (`tcptrace-common`) → [`event::Event`].
 //! - [`pcap`]: capture files → [`event::Event`] (no root needed).
-//! - [`matcher`]: events → one explained record per connection (pure).
+//! - [`matcher`]: events → one explained record per connection (pure; this is
+//!   where a segment becomes a timeline step).
 //! - [`render`] and [`timeline`]: lines, JSON and timelines for people and scripts.
+pub mod bpf;
+pub mod btf;
+pub mod decode;
 pub mod event;
 pub mod matcher;
+pub mod netns;
 pub mod pcap;
+pub mod reader;
+pub mod render;
 pub mod timeline;
