@@ -1,1 +1,680 @@
-//! (in progress)
+//! Events → one explained record per connection.
+//!
+//! Pure and synchronous: the caller feeds [`Event`]s with [`Matcher::push`],
+//! advances time with [`Matcher::tick`] (live) and drains with
+//! [`Matcher::finish`]; each returns the [`Connection`]s that are complete.
+//!
+//! Routing is cheap and incremental; the explanation (handshake, close,
+//! anomalies, kernel/wire matching) is computed once, on emit, over the
+//! record's events sorted by time, because live events arrive slightly out
+//! of order (one ring buffer per program, several CPUs).
+//!
+//! Keying: the normalised 4-tuple, plus the network namespace when both
+//! addresses are loopback (both ends of a loopback connection live in one
+//! namespace, and every container has its own 127.0.0.1). Kernel sockets are
+//! also indexed by `skaddr`, because the tracepoint reports some transitions
+//! before the tuple is filled in: CLOSE → SYN_SENT fires before
+//! `inet_hash_connect()` picks the source port (sport 0), and a server's child
+//! socket is announced LISTEN → SYN_RECV while it still carries the
+//! listener's wildcard addresses. Such events wait (by `skaddr`) for the
+//! socket's first complete event. Events of listening sockets themselves
+//! (→ LISTEN, LISTEN → CLOSE) never create connections: they are dropped and
+//! counted in [`MatcherStats::listener_events`].
+//!
+//! Memory is bounded: finished records are emitted after `linger_ns`, idle
+//! ones after `idle_timeout_ns` (in `tick`), at most `max_connections` are
+//! kept (the least recently active is evicted and emitted), and a single
+//! connection keeps at most `max_events_per_connection` events before plain
+//! data segments are only counted.
+
+mod analyze;
+mod model;
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_live;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+use crate::event::{Event, Segment, StateChange, TcpState};
+
+pub use model::{
+    Anomaly, AnomalyKind, Close, Connection, EndReason, Observation, Open, Side, SocketStates,
+    StateSpan, Step, StepKind, TimeWait, Views,
+};
+
+#[derive(Clone, Debug)]
+pub struct MatcherConfig {
+    /// How far apart a kernel state change and the segment that causes it
+    /// (or two observations of one segment) may be. Default 1 s.
+    pub match_window_ns: u64,
+    /// Live: a connection with no event for this long is emitted as
+    /// unfinished by `tick`. Default 60 s.
+    pub idle_timeout_ns: u64,
+    /// How long a finished connection waits for straggler events (the last
+    /// ACK seen at the other vantage point, late kernel events) before it is
+    /// emitted. Default 500 ms.
+    pub linger_ns: u64,
+    /// Records kept at once; beyond, the least recently active is evicted
+    /// (emitted as is) and counted. Default 65536.
+    pub max_connections: usize,
+    /// Events kept per connection; beyond, plain data segments are only
+    /// counted (control segments and kernel events are kept up to twice
+    /// this). Default 20000.
+    pub max_events_per_connection: usize,
+    /// Collapse runs of ordinary data/ACK segments into one `data` step.
+    /// Default true: the timeline is about state, tcpdump shows the rest.
+    pub summarize_data: bool,
+}
+
+impl Default for MatcherConfig {
+    fn default() -> Self {
+        MatcherConfig {
+            match_window_ns: 1_000_000_000,
+            idle_timeout_ns: 60_000_000_000,
+            linger_ns: 500_000_000,
+            max_connections: 65536,
+            max_events_per_connection: 20_000,
+            summarize_data: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MatcherStats {
+    pub events: u64,
+    pub segments: u64,
+    pub state_changes: u64,
+    /// Records created (one per connection incarnation).
+    pub connections: u64,
+    /// Records emitted so far.
+    pub emitted: u64,
+    /// Records currently held.
+    pub active: usize,
+    /// Sockets whose events wait for a complete 4-tuple.
+    pub pending_sockets: usize,
+    pub evicted: u64,
+    pub idle_expired: u64,
+    /// A new SYN (or opening transition) on a finished 4-tuple: port reuse.
+    pub port_reuse: u64,
+    /// State changes of listening sockets, dropped.
+    pub listener_events: u64,
+    /// State changes whose socket never showed a complete 4-tuple, dropped.
+    pub unresolved_state_events: u64,
+    /// Events beyond the per-connection caps (counted, not kept).
+    pub events_dropped: u64,
+}
+
+/// The normalised 4-tuple: `a` ≤ `b`; `netns` only for loopback, else 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    pub a: SocketAddr,
+    pub b: SocketAddr,
+    pub netns: u32,
+}
+
+impl Key {
+    fn of(saddr: IpAddr, sport: u16, daddr: IpAddr, dport: u16, netns: u32) -> Key {
+        let s = SocketAddr::new(saddr, sport);
+        let d = SocketAddr::new(daddr, dport);
+        let (a, b) = if s <= d { (s, d) } else { (d, s) };
+        let netns = if saddr.is_loopback() && daddr.is_loopback() {
+            netns
+        } else {
+            0
+        };
+        Key { a, b, netns }
+    }
+
+    /// 0 when `src` is `a`, 1 otherwise.
+    fn dir(&self, src: SocketAddr) -> usize {
+        usize::from(src != self.a)
+    }
+}
+
+/// Plain data segments beyond the event cap, per direction (index as `Key::dir`).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Dropped {
+    pub segments: u64,
+    pub bytes: u64,
+    /// seq + len of the latest dropped segment.
+    pub end: Option<u32>,
+    pub first_ts: u64,
+    pub last_ts: u64,
+}
+
+/// The few facts needed incrementally to know when a connection is over;
+/// everything else waits for `analyze`.
+#[derive(Clone, Debug, Default)]
+struct Progress {
+    /// First SYN (without ACK) per direction.
+    syn_isn: [Option<u32>; 2],
+    /// Direction of the first SYN: the client.
+    client: Option<usize>,
+    /// Server ISN from a SYN-ACK that acknowledges the client's SYN.
+    synack_seq: Option<u32>,
+    synack_from: [bool; 2],
+    established: bool,
+    /// Sequence number of each direction's FIN (seq + len).
+    fin: [Option<u32>; 2],
+    fin_acked: [bool; 2],
+    /// An RST that ends the connection (not the client's answer to a stale
+    /// SYN-ACK, which leaves the handshake going).
+    rst_final: bool,
+    /// skaddr → (ts, newstate) of its latest transition.
+    sockets: HashMap<u64, (u64, TcpState)>,
+}
+
+fn seq_ge(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) >= 0
+}
+
+impl Progress {
+    fn on_segment(&mut self, d: usize, s: &Segment) {
+        let f = s.flags;
+        let p = 1 - d;
+        if f.syn() && !f.ack() {
+            self.syn_isn[d].get_or_insert(s.seq);
+            self.client.get_or_insert(d);
+            return;
+        }
+        if f.syn() {
+            match self.client {
+                Some(c) if c != d => {
+                    if self.syn_isn[c].map(|x| x.wrapping_add(1)) == Some(s.ack) {
+                        self.synack_seq = Some(s.seq);
+                        self.synack_from[d] = true;
+                    }
+                }
+                Some(_) => {
+                    // The client answering the server's SYN: simultaneous open.
+                    if self.syn_isn[p].map(|x| x.wrapping_add(1)) == Some(s.ack) {
+                        self.synack_from[d] = true;
+                    }
+                }
+                None => {
+                    // Capture started after the SYN.
+                    self.client = Some(p);
+                    self.syn_isn[p] = Some(s.ack.wrapping_sub(1));
+                    self.synack_seq = Some(s.seq);
+                    self.synack_from[d] = true;
+                }
+            }
+            if self.synack_from == [true, true] {
+                self.established = true;
+            }
+            return;
+        }
+        if f.rst() {
+            let final_rst = match self.client {
+                _ if self.established => true,
+                None => true,
+                // Refused: RST,ACK acknowledging the client's SYN.
+                Some(c) => {
+                    d != c && f.ack() && self.syn_isn[c].map(|x| x.wrapping_add(1)) == Some(s.ack)
+                }
+            };
+            self.rst_final |= final_rst;
+            return;
+        }
+        if !self.established {
+            match self.client {
+                None => self.established = true,
+                Some(c) => {
+                    if d == c
+                        && f.ack()
+                        && self.synack_seq.map(|y| y.wrapping_add(1)) == Some(s.ack)
+                    {
+                        self.established = true;
+                    }
+                }
+            }
+        }
+        if f.ack() {
+            if let Some(fs) = self.fin[p] {
+                if seq_ge(s.ack, fs.wrapping_add(1)) {
+                    self.fin_acked[p] = true;
+                }
+            }
+        }
+        if f.fin() && self.fin[d].is_none() {
+            self.fin[d] = Some(s.seq.wrapping_add(s.len));
+        }
+    }
+
+    fn on_state(&mut self, sc: &StateChange) {
+        if sc.newstate == TcpState::Established {
+            self.established = true;
+        }
+        let e = self.sockets.entry(sc.skaddr).or_insert((0, sc.newstate));
+        if sc.ts_ns >= e.0 {
+            *e = (sc.ts_ns, sc.newstate);
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.rst_final
+            || (self.fin_acked[0] && self.fin_acked[1])
+            || (!self.sockets.is_empty()
+                && self.sockets.values().all(|&(_, s)| s == TcpState::Close))
+    }
+
+    fn socket_closed(&self, skaddr: u64) -> bool {
+        matches!(self.sockets.get(&skaddr), Some(&(_, TcpState::Close)))
+    }
+
+    /// A SYN with another ISN after the handshake (or the end) is the next
+    /// incarnation of the 4-tuple, not a retransmission.
+    fn new_incarnation(&self, d: usize, seq: u32) -> bool {
+        (self.established || self.finished()) && self.syn_isn[d] != Some(seq)
+    }
+}
+
+struct Record {
+    key: Key,
+    events: Vec<Event>,
+    first_ts: u64,
+    last_ts: u64,
+    progress: Progress,
+    deadline: Option<u64>,
+    dropped: [Dropped; 2],
+    events_dropped: u64,
+    skaddrs: Vec<u64>,
+}
+
+struct Pending {
+    events: Vec<StateChange>,
+    last_ts: u64,
+}
+
+pub struct Matcher {
+    cfg: MatcherConfig,
+    next_id: u64,
+    conns: HashMap<u64, Record>,
+    by_key: HashMap<Key, u64>,
+    by_sk: HashMap<u64, u64>,
+    /// (last event ts, id): the least recently active record first.
+    by_last: BTreeSet<(u64, u64)>,
+    /// (deadline, id) of finished records lingering for stragglers.
+    lingering: BTreeSet<(u64, u64)>,
+    pending: HashMap<u64, Pending>,
+    pending_order: VecDeque<u64>,
+    clock: u64,
+    stats: MatcherStats,
+}
+
+fn is_complete(sc: &StateChange) -> bool {
+    sc.sport != 0 && sc.dport != 0 && !sc.saddr.is_unspecified() && !sc.daddr.is_unspecified()
+}
+
+fn is_listener_event(sc: &StateChange) -> bool {
+    sc.newstate == TcpState::Listen
+        || (sc.oldstate == TcpState::Listen && sc.newstate == TcpState::Close)
+}
+
+/// A transition that begins a connection's life on a socket.
+fn is_opening(sc: &StateChange) -> bool {
+    use TcpState::*;
+    matches!(sc.oldstate, Close | Listen | SynSent | SynRecv | NewSynRecv)
+        && matches!(sc.newstate, SynSent | SynRecv | Established)
+}
+
+impl Matcher {
+    pub fn new(cfg: MatcherConfig) -> Self {
+        Matcher {
+            cfg,
+            next_id: 0,
+            conns: HashMap::new(),
+            by_key: HashMap::new(),
+            by_sk: HashMap::new(),
+            by_last: BTreeSet::new(),
+            lingering: BTreeSet::new(),
+            pending: HashMap::new(),
+            pending_order: VecDeque::new(),
+            clock: 0,
+            stats: MatcherStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &MatcherConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> MatcherStats {
+        let mut s = self.stats;
+        s.active = self.conns.len();
+        s.pending_sockets = self.pending.len();
+        s
+    }
+
+    /// Adds one event; returns the connections that are now complete
+    /// (finished and past their linger time by event time, superseded by a
+    /// new incarnation, or evicted to stay within `max_connections`).
+    pub fn push(&mut self, ev: &Event) -> Vec<Connection> {
+        let mut out = Vec::new();
+        self.stats.events += 1;
+        self.clock = self.clock.max(ev.ts_ns());
+        match ev {
+            Event::Segment(s) => {
+                self.stats.segments += 1;
+                self.push_segment(s, &mut out);
+            }
+            Event::State(sc) => {
+                self.stats.state_changes += 1;
+                self.push_state(sc, &mut out);
+            }
+        }
+        self.expire_lingering(self.clock, &mut out);
+        out
+    }
+
+    /// Time passes (live, same clock as the events): emits lingering
+    /// connections whose time is up and idle ones.
+    pub fn tick(&mut self, now_ns: u64) -> Vec<Connection> {
+        let mut out = Vec::new();
+        self.clock = self.clock.max(now_ns);
+        self.expire_lingering(now_ns, &mut out);
+        let idle = self.cfg.idle_timeout_ns;
+        while let Some(&(last, id)) = self.by_last.first() {
+            if last.saturating_add(idle) > now_ns {
+                break;
+            }
+            let finished = self.conns.get(&id).is_some_and(|r| r.deadline.is_some());
+            let reason = if finished {
+                EndReason::Closed
+            } else {
+                self.stats.idle_expired += 1;
+                EndReason::IdleTimeout
+            };
+            out.extend(self.emit(id, reason));
+        }
+        while let Some(&sk) = self.pending_order.front() {
+            match self.pending.get(&sk) {
+                Some(p) if p.last_ts.saturating_add(idle) > now_ns => break,
+                Some(p) => {
+                    self.stats.unresolved_state_events += p.events.len() as u64;
+                    self.pending.remove(&sk);
+                }
+                None => {}
+            }
+            self.pending_order.pop_front();
+        }
+        sort_out(&mut out);
+        out
+    }
+
+    /// End of input: everything still held, finished or not.
+    pub fn finish(&mut self) -> Vec<Connection> {
+        let mut ids: Vec<(u64, u64)> = self.conns.iter().map(|(id, r)| (r.first_ts, *id)).collect();
+        ids.sort_unstable();
+        let mut out = Vec::new();
+        for (_, id) in ids {
+            let finished = self.conns.get(&id).is_some_and(|r| r.deadline.is_some());
+            let reason = if finished {
+                EndReason::Closed
+            } else {
+                EndReason::EndOfInput
+            };
+            out.extend(self.emit(id, reason));
+        }
+        for p in self.pending.values() {
+            self.stats.unresolved_state_events += p.events.len() as u64;
+        }
+        self.pending.clear();
+        self.pending_order.clear();
+        out
+    }
+
+    fn push_segment(&mut self, s: &Segment, out: &mut Vec<Connection>) {
+        let key = Key::of(s.saddr, s.sport, s.daddr, s.dport, s.netns);
+        let d = key.dir(SocketAddr::new(s.saddr, s.sport));
+        let id = match self.by_key.get(&key).copied() {
+            Some(id) => {
+                let reuse = s.flags.syn()
+                    && !s.flags.ack()
+                    && self
+                        .conns
+                        .get(&id)
+                        .is_some_and(|r| r.progress.new_incarnation(d, s.seq));
+                if reuse {
+                    self.stats.port_reuse += 1;
+                    let reason = self.reason_for_superseded(id);
+                    out.extend(self.emit(id, reason));
+                    self.create(key, s.ts_ns, out)
+                } else {
+                    id
+                }
+            }
+            None => self.create(key, s.ts_ns, out),
+        };
+        self.add(id, Event::Segment(s.clone()));
+    }
+
+    fn push_state(&mut self, sc: &StateChange, out: &mut Vec<Connection>) {
+        if let Some(&id) = self.by_sk.get(&sc.skaddr) {
+            let reused_socket = sc.oldstate == TcpState::Close
+                && is_opening(sc)
+                && self
+                    .conns
+                    .get(&id)
+                    .is_none_or(|r| r.progress.socket_closed(sc.skaddr));
+            if !reused_socket {
+                self.add(id, Event::State(sc.clone()));
+                return;
+            }
+            // connect() again on a socket that failed or was closed: its
+            // next life belongs to whatever 4-tuple it gets now.
+            self.by_sk.remove(&sc.skaddr);
+        }
+        if !is_complete(sc) {
+            if is_listener_event(sc) {
+                self.stats.listener_events += 1;
+                return;
+            }
+            self.park(sc, out);
+            return;
+        }
+        let key = Key::of(sc.saddr, sc.sport, sc.daddr, sc.dport, sc.netns);
+        let id = match self.by_key.get(&key).copied() {
+            Some(id) => {
+                let reuse =
+                    is_opening(sc) && self.conns.get(&id).is_some_and(|r| r.deadline.is_some());
+                if reuse {
+                    self.stats.port_reuse += 1;
+                    out.extend(self.emit(id, EndReason::Closed));
+                    self.create(key, sc.ts_ns, out)
+                } else {
+                    id
+                }
+            }
+            None => self.create(key, sc.ts_ns, out),
+        };
+        self.by_sk.insert(sc.skaddr, id);
+        if let Some(r) = self.conns.get_mut(&id) {
+            r.skaddrs.push(sc.skaddr);
+        }
+        if let Some(p) = self.pending.remove(&sc.skaddr) {
+            for e in p.events {
+                self.add(id, Event::State(e));
+            }
+        }
+        self.add(id, Event::State(sc.clone()));
+    }
+
+    fn park(&mut self, sc: &StateChange, out: &mut Vec<Connection>) {
+        let _ = out;
+        if let Some(p) = self.pending.get_mut(&sc.skaddr) {
+            if p.events.len() < 64 {
+                p.events.push(sc.clone());
+            } else {
+                self.stats.unresolved_state_events += 1;
+            }
+            p.last_ts = p.last_ts.max(sc.ts_ns);
+            return;
+        }
+        while self.pending.len() >= self.cfg.max_connections.max(1) {
+            let Some(old) = self.pending_order.pop_front() else {
+                break;
+            };
+            if let Some(p) = self.pending.remove(&old) {
+                self.stats.unresolved_state_events += p.events.len() as u64;
+            }
+        }
+        self.pending.insert(
+            sc.skaddr,
+            Pending {
+                events: vec![sc.clone()],
+                last_ts: sc.ts_ns,
+            },
+        );
+        self.pending_order.push_back(sc.skaddr);
+    }
+
+    fn reason_for_superseded(&self, id: u64) -> EndReason {
+        match self.conns.get(&id) {
+            Some(r) if r.deadline.is_some() => EndReason::Closed,
+            _ => EndReason::Superseded,
+        }
+    }
+
+    fn create(&mut self, key: Key, ts: u64, out: &mut Vec<Connection>) -> u64 {
+        while self.conns.len() >= self.cfg.max_connections.max(1) {
+            let Some(&(_, victim)) = self.by_last.first() else {
+                break;
+            };
+            let finished = self
+                .conns
+                .get(&victim)
+                .is_some_and(|r| r.deadline.is_some());
+            let reason = if finished {
+                EndReason::Closed
+            } else {
+                self.stats.evicted += 1;
+                EndReason::Evicted
+            };
+            out.extend(self.emit(victim, reason));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.stats.connections += 1;
+        self.conns.insert(
+            id,
+            Record {
+                key,
+                events: Vec::new(),
+                first_ts: ts,
+                last_ts: ts,
+                progress: Progress::default(),
+                deadline: None,
+                dropped: [Dropped::default(); 2],
+                events_dropped: 0,
+                skaddrs: Vec::new(),
+            },
+        );
+        self.by_key.insert(key, id);
+        self.by_last.insert((ts, id));
+        id
+    }
+
+    fn add(&mut self, id: u64, ev: Event) {
+        let cap = self.cfg.max_events_per_connection.max(16);
+        let linger = self.cfg.linger_ns;
+        let Some(r) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let ts = ev.ts_ns();
+        let old_last = r.last_ts;
+        r.first_ts = r.first_ts.min(ts);
+        r.last_ts = r.last_ts.max(ts);
+        if r.last_ts != old_last {
+            self.by_last.remove(&(old_last, id));
+            self.by_last.insert((r.last_ts, id));
+        }
+        match &ev {
+            Event::Segment(s) => {
+                let d = r.key.dir(SocketAddr::new(s.saddr, s.sport));
+                r.progress.on_segment(d, s);
+                if r.events.len() >= cap {
+                    let control = s.flags.syn() || s.flags.fin() || s.flags.rst();
+                    let closing = r.progress.fin.iter().any(Option::is_some);
+                    if !control && !closing {
+                        let dr = &mut r.dropped[d];
+                        if dr.segments == 0 {
+                            dr.first_ts = ts;
+                        }
+                        dr.segments += 1;
+                        dr.bytes += u64::from(s.len);
+                        dr.end = Some(s.seq.wrapping_add(s.len));
+                        dr.last_ts = dr.last_ts.max(ts);
+                        self.stats.events_dropped += 1;
+                    } else if r.events.len() < 2 * cap {
+                        r.events.push(ev);
+                    } else {
+                        r.events_dropped += 1;
+                        self.stats.events_dropped += 1;
+                    }
+                } else {
+                    r.events.push(ev);
+                }
+            }
+            Event::State(sc) => {
+                r.progress.on_state(sc);
+                if r.events.len() < 2 * cap {
+                    r.events.push(ev);
+                } else {
+                    r.events_dropped += 1;
+                    self.stats.events_dropped += 1;
+                }
+            }
+        }
+        if r.deadline.is_none() && r.progress.finished() {
+            let deadline = r.last_ts.saturating_add(linger);
+            r.deadline = Some(deadline);
+            self.lingering.insert((deadline, id));
+        }
+    }
+
+    fn expire_lingering(&mut self, now: u64, out: &mut Vec<Connection>) {
+        while let Some(&(deadline, id)) = self.lingering.first() {
+            if deadline > now {
+                break;
+            }
+            self.lingering.pop_first();
+            out.extend(self.emit(id, EndReason::Closed));
+        }
+    }
+
+    fn emit(&mut self, id: u64, reason: EndReason) -> Option<Connection> {
+        let r = self.conns.remove(&id)?;
+        if self.by_key.get(&r.key) == Some(&id) {
+            self.by_key.remove(&r.key);
+        }
+        for sk in &r.skaddrs {
+            if self.by_sk.get(sk) == Some(&id) {
+                self.by_sk.remove(sk);
+            }
+        }
+        self.by_last.remove(&(r.last_ts, id));
+        if let Some(d) = r.deadline {
+            self.lingering.remove(&(d, id));
+        }
+        self.stats.emitted += 1;
+        Some(analyze::analyze(
+            analyze::Input {
+                key: r.key,
+                events: r.events,
+                dropped: r.dropped,
+                events_dropped: r.events_dropped,
+                end_reason: reason,
+            },
+            &self.cfg,
+        ))
+    }
+}
+
+fn sort_out(out: &mut [Connection]) {
+    out.sort_by_key(|c| c.first_ts_ns);
+}
