@@ -243,9 +243,9 @@ async fn run_live(tracer: &Tracer, rings: Vec<aya::maps::RingBuf<aya::maps::MapD
     let mut out = std::io::BufWriter::new(std::io::stdout());
     let mut events: u64 = 0;
     let mut lost_reported = 0;
-    if mode != Mode::Json {
-        eprintln!("tcptrace: tracing{}; Ctrl-C to stop", if tracer.uses_tcx { "" } else { " (TC via netlink)" });
-    }
+    // Always on stderr, JSON mode included: scripts wait for it to know the
+    // programs are attached.
+    eprintln!("tcptrace: tracing{}; Ctrl-C to stop", if tracer.uses_tcx { "" } else { " (TC via netlink)" });
     'run: loop {
         tokio::select! {
             batch = rx.recv() => {
