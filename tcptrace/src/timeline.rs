@@ -191,8 +191,8 @@ pub fn render(conn: &Connection, out: &mut dyn Write) -> io::Result<()> {
                 }
                 writeln!(out, "{line}")?;
                 let mut e = st.explain.clone();
-                if let Some(c) = st.caused_by.and_then(|i| conn.steps.get(i)) {
-                    let cause = format!("caused by {} at {}", c.name, rel_ms(c.rel_ns));
+                if let Some(c) = st.matched_step.and_then(|i| conn.steps.get(i)) {
+                    let cause = format!("with {} at {}", c.name, rel_ms(c.rel_ns));
                     e = if e.is_empty() {
                         cause
                     } else {

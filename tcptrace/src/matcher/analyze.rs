@@ -296,6 +296,8 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
     let mut synack_step: Option<usize> = None;
     let mut reset_anomaly: Option<usize> = None;
 
+    // Indexing: the loop body records step indices (anomalies, FIN steps).
+    #[allow(clippy::needless_range_loop)]
     for i in 0..wires.len() {
         let (seg, from, ts) = (wires[i].seg, wires[i].from, wires[i].ts);
         let f = seg.flags;
@@ -820,7 +822,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
         cause: Option<usize>,
     }
     let mut ksteps: Vec<KStep> = Vec::new();
-    let mut explained: HashMap<(usize, Side), bool> = HashMap::new();
+    let mut explained: HashMap<(usize, Side, Pred), bool> = HashMap::new();
     for sock in &socks {
         let mut prev_ts: Option<u64> = None;
         for sc in &sock.changes {
@@ -834,11 +836,11 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
             let mut cause = None;
             let mut best = u64::MAX;
             for (wi, w) in wires.iter().enumerate() {
-                if rules
+                let hit = rules
                     .iter()
-                    .any(|&(who, pred)| ctx.matches(w, sock.side, who, pred, sc.ts_ns))
-                {
-                    explained.insert((wi, sock.side), true);
+                    .find(|&&(who, pred)| ctx.matches(w, sock.side, who, pred, sc.ts_ns));
+                if let Some(&(_, pred)) = hit {
+                    explained.insert((wi, sock.side, pred), true);
                     let d = w
                         .obs
                         .iter()
@@ -884,22 +886,27 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
     if both_views {
         let traced = |side: Side| socks.iter().any(|s| s.side == side);
         for (wi, w) in wires.iter().enumerate() {
-            let sides: &[Side] = match w.class {
-                Class::Syn if !w.retrans && w.from == Side::Client => &[Side::Client],
-                Class::SynAck if !w.retrans && w.from == Side::Server => &[Side::Client],
-                Class::HandshakeAck => &[Side::Server],
-                Class::Fin if !w.retrans && fin_step[idx(w.from)] == Some(wi) => {
-                    &[Side::Client, Side::Server]
+            // (sides whose socket this segment must move, the role it plays)
+            let (sides, pred): (&[Side], Pred) = match w.class {
+                Class::Syn if !w.retrans && w.from == Side::Client => (&[Side::Client], Pred::Syn),
+                Class::SynAck if !w.retrans && w.from == Side::Server => {
+                    (&[Side::Client], Pred::SynAck)
                 }
-                Class::Rst if terminal_rst == Some(wi) => &[Side::Client, Side::Server],
-                _ => &[],
+                Class::HandshakeAck => (&[Side::Server], Pred::AckOfSyn),
+                Class::Fin if !w.retrans && fin_step[idx(w.from)] == Some(wi) => {
+                    (&[Side::Client, Side::Server], Pred::Fin)
+                }
+                Class::Rst if terminal_rst == Some(wi) => {
+                    (&[Side::Client, Side::Server], Pred::Rst)
+                }
+                _ => (&[], Pred::Rst),
             };
             for &side in sides {
-                if traced(side) && !explained.contains_key(&(wi, side)) {
+                if traced(side) && !explained.contains_key(&(wi, side, pred)) {
                     // An RST is explained by either end's transition.
                     if w.class == Class::Rst
-                        && (explained.contains_key(&(wi, Side::Client))
-                            || explained.contains_key(&(wi, Side::Server)))
+                        && (explained.contains_key(&(wi, Side::Client, pred))
+                            || explained.contains_key(&(wi, Side::Server, pred)))
                     {
                         continue;
                     }
@@ -1032,7 +1039,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 .filter(|w| {
                     w.from == side
                         && !w.seg.flags.syn()
-                        && !(w.seg.flags.rst() && !w.seg.flags.ack())
+                        && (w.seg.flags.ack() || !w.seg.flags.rst())
                 })
                 .map(|w| w.seg.seq.wrapping_add(w.seg.len))
                 .chain(dr.end);
@@ -1176,7 +1183,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
         }
     }
     for (si, wi) in cause_fixups {
-        steps[si].caused_by = Some(wire_to_step[wi]);
+        steps[si].matched_step = Some(wire_to_step[wi]);
     }
     // Data summary wording, once the runs are complete.
     for st in steps.iter_mut().filter(|s| s.kind == StepKind::Data) {
@@ -1217,7 +1224,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
         steps.insert(pos, st);
         // Indices after `pos` moved by one.
         for s in steps.iter_mut() {
-            if let Some(c) = s.caused_by.as_mut() {
+            if let Some(c) = s.matched_step.as_mut() {
                 if *c >= pos {
                     *c += 1;
                 }
@@ -1483,7 +1490,7 @@ enum Who {
     Either,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Pred {
     Syn,
     SynAck,
@@ -1568,8 +1575,13 @@ impl MatchCtx<'_, '_> {
         match pred {
             Pred::Syn => f.syn() && !f.ack(),
             Pred::SynAck => f.syn() && f.ack() && w.class == Class::SynAck,
+            // The third ACK (or, when it was lost, the first data carrying
+            // it; the SYN-ACK in a simultaneous open) — not any later
+            // segment that merely still acknowledges y+1.
             Pred::AckOfSyn => {
-                f.ack() && !f.rst() && self.isn[s].map(|i| i.wrapping_add(1)) == Some(w.seg.ack)
+                matches!(w.class, Class::HandshakeAck | Class::SynAck | Class::Data)
+                    && f.ack()
+                    && self.isn[s].map(|i| i.wrapping_add(1)) == Some(w.seg.ack)
             }
             Pred::Fin => f.fin(),
             Pred::AckOfFin => {

@@ -151,7 +151,7 @@ pub struct Observation {
 /// tcpdump prints after the SYN), `len`, `win` (raw), `options`,
 /// `retransmission`, `observations` (live).
 /// Kernel: `side`, `skaddr`, `oldstate`, `newstate`, `in_state_ns` (time
-/// spent in `oldstate`), `pid`, `comm`, `netns`, `caused_by` (index in `steps`
+/// spent in `oldstate`), `pid`, `comm`, `netns`, `matched_step` (index in `steps`
 /// of the wire step that explains the change).
 /// Data: `end_ts_ns`, `segments`, `bytes_client`, `bytes_server`,
 /// `retransmissions`. Inferred: `side`.
@@ -203,7 +203,7 @@ pub struct Step {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub caused_by: Option<usize>,
+    pub matched_step: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub end_ts_ns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -244,7 +244,7 @@ impl Step {
             pid: None,
             comm: None,
             netns: None,
-            caused_by: None,
+            matched_step: None,
             end_ts_ns: None,
             segments: None,
             bytes_client: None,

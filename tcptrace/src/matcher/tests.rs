@@ -103,7 +103,15 @@ fn seed_first_connection_numbers_match_tcpdump() {
     assert_eq!(c.duration_ns, 1_667_000);
 
     // (name, seq, ack, rel_seq, rel_ack, rule)
-    let table: [(&str, u32, Option<u32>, u32, Option<u32>, &str); 6] = [
+    type Row = (
+        &'static str,
+        u32,
+        Option<u32>,
+        u32,
+        Option<u32>,
+        &'static str,
+    );
+    let table: [Row; 6] = [
         ("SYN", 3124300130, None, 0, None, "SYN seq=x"),
         (
             "SYN-ACK",

@@ -1,1 +1,636 @@
+//! Live-style tests: kernel state changes plus segments seen at two vantage
+//! points (client namespace egress, server namespace ingress and back), as
+//! the tracer produces them; then memory bounds and robustness.
 
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::*;
+use crate::event::{Dir, Family, Segment, StateChange, TcpFlags as F, TcpOptions};
+use crate::timeline;
+
+const NS_C: u32 = 4026531840;
+const NS_S: u32 = 4026532500;
+const IF_C: u32 = 5;
+const IF_S: u32 = 7;
+const SK_C: u64 = 0xffff_8880_0000_1000;
+const SK_S: u64 = 0xffff_8880_0000_2000;
+/// Wire delay between the two vantage points.
+const HOP_NS: u64 = 20_000;
+const CPORT: u16 = 40000;
+
+fn cip() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1))
+}
+fn sip() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 2, 0, 1))
+}
+
+fn us(v: u64) -> u64 {
+    1_000_000_000 + v * 1000
+}
+
+/// One segment, seen leaving the sender's namespace and entering the peer's.
+fn seg(t_us: u64, from_client: bool, flags: u8, seq: u32, ack: u32, len: u32) -> Vec<Event> {
+    let (saddr, sport, daddr, dport) = if from_client {
+        (cip(), CPORT, sip(), 80)
+    } else {
+        (sip(), 80, cip(), CPORT)
+    };
+    let (out_ns, out_if, in_ns, in_if) = if from_client {
+        (NS_C, IF_C, NS_S, IF_S)
+    } else {
+        (NS_S, IF_S, NS_C, IF_C)
+    };
+    let mk = |ts_ns, netns, ifindex, dir| {
+        Event::Segment(Segment {
+            ts_ns,
+            ifindex,
+            iface: Some(format!("veth{ifindex}")),
+            dir,
+            family: Family::Ipv4,
+            saddr,
+            sport,
+            daddr,
+            dport,
+            flags: F(flags),
+            seq,
+            ack,
+            win: 502,
+            len,
+            options: TcpOptions::default(),
+            netns,
+        })
+    };
+    vec![
+        mk(us(t_us), out_ns, out_if, Dir::Egress),
+        mk(us(t_us) + HOP_NS, in_ns, in_if, Dir::Ingress),
+    ]
+}
+
+fn state(t_us: u64, client: bool, old: TcpState, new: TcpState, prev_ns: u64) -> Event {
+    let (skaddr, netns, pid, comm) = if client {
+        (SK_C, NS_C, 100, "curl")
+    } else {
+        (SK_S, NS_S, 0, "swapper/1")
+    };
+    let (mut saddr, mut sport, mut daddr, mut dport) = if client {
+        (cip(), CPORT, sip(), 80)
+    } else {
+        (sip(), 80, cip(), CPORT)
+    };
+    // What the tracepoint really reports before the tuple is complete.
+    if client && old == TcpState::Close && new == TcpState::SynSent {
+        sport = 0;
+    }
+    if !client && old == TcpState::Listen {
+        saddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        daddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        dport = 0;
+        sport = 80;
+    }
+    Event::State(StateChange {
+        ts_ns: us(t_us),
+        skaddr,
+        pid,
+        comm: comm.into(),
+        family: Family::Ipv4,
+        saddr,
+        sport,
+        daddr,
+        dport,
+        oldstate: old,
+        newstate: new,
+        prev_state_ns: prev_ns,
+        netns,
+    })
+}
+
+/// curl in one namespace fetches 100 bytes from a server in another; the
+/// client closes first (four-segment close). ISNs 1000 and 5000.
+fn full_conversation() -> Vec<Event> {
+    use TcpState::*;
+    let (a, s) = (F::ACK, F::SYN);
+    let mut ev = Vec::new();
+    ev.push(state(0, true, Close, SynSent, 0));
+    ev.extend(seg(10, true, s, 1000, 0, 0));
+    ev.extend(seg(50, false, s | a, 5000, 1001, 0));
+    ev.push(state(72, true, SynSent, Established, 72_000));
+    ev.extend(seg(75, true, a, 1001, 5001, 0));
+    ev.push(state(96, false, Listen, SynRecv, 0));
+    ev.push(state(97, false, SynRecv, Established, 0));
+    ev.extend(seg(200, true, F::PSH | a, 1001, 5001, 100));
+    ev.extend(seg(300, false, a, 5001, 1101, 0));
+    ev.push(state(995, true, Established, FinWait1, 0));
+    ev.extend(seg(1000, true, F::FIN | a, 1101, 5001, 0));
+    ev.push(state(1021, false, Established, CloseWait, 0));
+    ev.extend(seg(1030, false, a, 5001, 1102, 0));
+    ev.push(state(1051, true, FinWait1, FinWait2, 0));
+    ev.push(state(1100, false, CloseWait, LastAck, 0));
+    ev.extend(seg(1101, false, F::FIN | a, 5001, 1102, 0));
+    ev.push(state(1122, true, FinWait2, Close, 0));
+    ev.extend(seg(1123, true, a, 1102, 5002, 0));
+    ev.push(state(1144, false, LastAck, Close, 0));
+    ev
+}
+
+fn run(events: &[Event]) -> (Vec<Connection>, MatcherStats) {
+    let mut m = Matcher::new(MatcherConfig::default());
+    let mut out = Vec::new();
+    for e in events {
+        out.extend(m.push(e));
+    }
+    out.extend(m.finish());
+    (out, m.stats())
+}
+
+fn spans(c: &Connection, side: Side) -> Vec<(TcpState, Option<u64>)> {
+    c.states
+        .iter()
+        .find(|s| s.side == side)
+        .map(|s| s.states.iter().map(|sp| (sp.state, sp.ns)).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn live_two_vantage_points_merge_into_one_wire_step() {
+    let (conns, stats) = run(&full_conversation());
+    assert_eq!(conns.len(), 1, "{conns:#?}");
+    let c = &conns[0];
+    let text = timeline::to_string(c);
+    assert_eq!(stats.unresolved_state_events, 0);
+    assert_eq!(
+        c.views,
+        Views {
+            wire: true,
+            kernel: true,
+            live: true
+        }
+    );
+    assert_eq!(c.client.to_string(), "10.1.0.1:40000");
+    assert_eq!(c.segments, 9, "each segment once, not twice:\n{text}");
+    assert_eq!(c.retransmissions, 0);
+    for st in c.steps_of(StepKind::Wire) {
+        let where_: Vec<(u32, u32, Dir)> = st
+            .observations
+            .iter()
+            .map(|o| (o.netns, o.ifindex, o.dir))
+            .collect();
+        let want = if st.from == Some(Side::Client) {
+            [(NS_C, IF_C, Dir::Egress), (NS_S, IF_S, Dir::Ingress)]
+        } else {
+            [(NS_S, IF_S, Dir::Egress), (NS_C, IF_C, Dir::Ingress)]
+        };
+        assert_eq!(where_, want, "{}", st.name);
+        assert_eq!(st.observations[1].ts_ns - st.observations[0].ts_ns, HOP_NS);
+    }
+    assert_eq!(c.open, Open::Active);
+    assert_eq!(c.close, Close::FourSegment);
+    assert_eq!(c.closed_by, Some(Side::Client));
+    assert_eq!((c.bytes_client, c.bytes_server), (Some(100), Some(0)));
+    // SYN out at 10 µs, SYN-ACK in at 70 µs, both on the client's veth.
+    assert_eq!(c.handshake_rtt_ns, Some(60_000));
+    // SYN-ACK out at 50 µs, ACK in at 95 µs on the server's veth.
+    assert_eq!(c.handshake_rtt_server_ns, Some(45_000));
+    assert!(c.anomalies.is_empty(), "{:?}\n{text}", c.anomalies);
+    assert!(
+        text.contains("egress netns 4026531840 if 5 (veth5)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn live_time_in_states_per_socket() {
+    use TcpState::*;
+    let c = &run(&full_conversation()).0[0];
+    assert_eq!(c.states.len(), 2);
+    assert_eq!(
+        spans(c, Side::Client),
+        [
+            (SynSent, Some(72_000)), // prev_state_ns from the kernel
+            (Established, Some(923_000)),
+            (FinWait1, Some(56_000)),
+            (FinWait2, Some(71_000)),
+            (Close, None),
+        ]
+    );
+    assert_eq!(
+        spans(c, Side::Server),
+        [
+            (SynRecv, Some(1_000)),
+            (Established, Some(924_000)),
+            (CloseWait, Some(79_000)),
+            (LastAck, Some(44_000)),
+            (Close, None),
+        ]
+    );
+    let client = c
+        .states
+        .iter()
+        .find(|s| s.side == Side::Client)
+        .expect("client socket");
+    assert_eq!(
+        (client.pid, client.comm.as_str(), client.netns),
+        (100, "curl", NS_C)
+    );
+    assert_eq!(client.skaddr, "0xffff888000001000");
+}
+
+#[test]
+fn live_time_wait_inferred_from_fin_wait2_to_close() {
+    let c = &run(&full_conversation()).0[0];
+    let tw = c.time_wait.as_ref().expect("TIME_WAIT");
+    assert_eq!((tw.side, tw.source), (Side::Client, "kernel"));
+    assert_eq!(tw.since_ts_ns, us(1122));
+    assert_eq!(tw.expected_ns, 60_000_000_000);
+    let i = c
+        .steps
+        .iter()
+        .position(|s| s.kind == StepKind::Inferred)
+        .expect("TIME_WAIT step");
+    assert_eq!(c.steps[i - 1].name, "FIN_WAIT2 → CLOSE");
+    assert_eq!(
+        c.steps[i].rule.as_deref(),
+        Some("TIME_WAIT (inferred: timewait socket, not traced)")
+    );
+}
+
+#[test]
+fn live_kernel_steps_name_their_cause() {
+    let c = &run(&full_conversation()).0[0];
+    let cause = |name: &str, side: Side| {
+        let k = c
+            .steps
+            .iter()
+            .find(|s| s.kind == StepKind::Kernel && s.name == name && s.side == Some(side))
+            .unwrap_or_else(|| panic!("no kernel step {name}"));
+        k.matched_step.map(|i| c.steps[i].name.clone())
+    };
+    assert_eq!(
+        cause("SYN_SENT → ESTABLISHED", Side::Client).as_deref(),
+        Some("SYN-ACK")
+    );
+    assert_eq!(
+        cause("SYN_RECV → ESTABLISHED", Side::Server).as_deref(),
+        Some("ACK (handshake)")
+    );
+    assert_eq!(
+        cause("ESTABLISHED → CLOSE_WAIT", Side::Server).as_deref(),
+        Some("FIN")
+    );
+    assert_eq!(
+        cause("FIN_WAIT1 → FIN_WAIT2", Side::Client).as_deref(),
+        Some("ACK of FIN")
+    );
+    assert_eq!(
+        cause("LAST_ACK → CLOSE", Side::Server).as_deref(),
+        Some("ACK of FIN")
+    );
+    let text = timeline::to_string(c);
+    assert!(
+        text.contains("kernel  client  SYN_SENT → ESTABLISHED (SYN_SENT 0.072 ms)"),
+        "{text}"
+    );
+    assert!(text.contains("curl[100]"), "{text}");
+}
+
+#[test]
+fn live_state_without_segment_and_segment_without_state() {
+    let mut ev = full_conversation();
+    // TC missed the client's FIN at both vantage points.
+    ev.retain(|e| !matches!(e, Event::Segment(s) if s.flags.fin() && s.sport == CPORT));
+    let c = &run(&ev).0[0];
+    let a = c
+        .anomalies
+        .iter()
+        .find(|a| a.kind == AnomalyKind::StateWithoutSegment && a.side == Some(Side::Client))
+        .unwrap_or_else(|| panic!("{}", timeline::to_string(c)));
+    assert_eq!(a.state.as_deref(), Some("ESTABLISHED → FIN_WAIT1"));
+    assert_eq!(a.ts_ns, Some(us(995)));
+
+    let mut ev = full_conversation();
+    // The tracepoint lost the server's ESTABLISHED → CLOSE_WAIT.
+    ev.retain(|e| !matches!(e, Event::State(s) if s.newstate == TcpState::CloseWait));
+    let c = &run(&ev).0[0];
+    let a = c
+        .anomaly(AnomalyKind::SegmentWithoutState)
+        .unwrap_or_else(|| panic!("{:#?}", c.anomalies));
+    assert_eq!(a.side, Some(Side::Server));
+    assert_eq!(a.step.map(|i| c.steps[i].name.as_str()), Some("FIN"));
+    assert!(
+        !c.has_anomaly(AnomalyKind::StateWithoutSegment),
+        "{:#?}",
+        c.anomalies
+    );
+}
+
+#[test]
+fn live_kernel_only_and_wire_only_views_do_not_cross_check() {
+    let kernel: Vec<Event> = full_conversation()
+        .into_iter()
+        .filter(|e| matches!(e, Event::State(_)))
+        .collect();
+    let c = &run(&kernel).0[0];
+    assert!(c.anomalies.is_empty(), "{:#?}", c.anomalies);
+    assert_eq!(c.close, Close::FourSegment);
+    assert_eq!(c.closed_by, Some(Side::Client));
+    assert_eq!(c.handshake_rtt_ns, Some(72_000), "SYN_SENT time as RTT");
+    assert_eq!((c.bytes_client, c.bytes_server), (None, None));
+    assert_eq!(c.time_wait.as_ref().map(|t| t.source), Some("kernel"));
+
+    // Only the server's socket traced: a passive open from this host's view.
+    let server_only: Vec<Event> = kernel
+        .into_iter()
+        .filter(|e| matches!(e, Event::State(s) if s.skaddr == SK_S))
+        .collect();
+    let c = &run(&server_only).0[0];
+    assert_eq!(c.open, Open::Passive);
+    assert_eq!(c.client.to_string(), "10.1.0.1:40000");
+    assert_eq!(c.close, Close::FourSegment);
+    assert_eq!(c.closed_by, Some(Side::Client));
+}
+
+#[test]
+fn live_out_of_order_arrival_gives_the_same_record() {
+    let ev = full_conversation();
+    let (want, _) = run(&ev);
+    // Neighbouring events swapped, as two ring buffers drained in turn do.
+    let mut shuffled = ev.clone();
+    for i in (0..shuffled.len() - 1).step_by(2) {
+        shuffled.swap(i, i + 1);
+    }
+    let (got, stats) = run(&shuffled);
+    assert_eq!(stats.unresolved_state_events, 0);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].steps, want[0].steps);
+    assert_eq!(got[0].states, want[0].states);
+    assert_eq!(got[0].anomalies, want[0].anomalies);
+}
+
+#[test]
+fn live_reset_names_the_kernel_state() {
+    use TcpState::{Close as Closed, Established};
+    let mut ev: Vec<Event> = full_conversation()
+        .into_iter()
+        .filter(|e| e.ts_ns() < us(900))
+        .collect();
+    ev.push(state(950, false, Established, Closed, 0));
+    ev.extend(seg(951, false, F::RST | F::ACK, 5001, 1101, 0));
+    ev.push(state(972, true, Established, Closed, 0));
+    let c = &run(&ev).0[0];
+    assert_eq!(c.close, Close::Reset);
+    assert_eq!(c.closed_by, Some(Side::Server));
+    let a = c.anomaly(AnomalyKind::Reset).expect("reset");
+    assert_eq!(
+        (a.side, a.state.as_deref()),
+        (Some(Side::Server), Some("ESTABLISHED"))
+    );
+    assert!(c.time_wait.is_none());
+    assert!(
+        !c.has_anomaly(AnomalyKind::StateWithoutSegment),
+        "{:#?}",
+        c.anomalies
+    );
+}
+
+#[test]
+fn loopback_is_keyed_by_namespace_and_lo_egress_ingress_merge() {
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let mk = |netns: u32, dir: Dir, ts: u64, flags: u8, from_client: bool| {
+        let (sport, dport) = if from_client {
+            (40000, 80)
+        } else {
+            (80, 40000)
+        };
+        Event::Segment(Segment {
+            ts_ns: ts,
+            ifindex: 1,
+            iface: Some("lo".into()),
+            dir,
+            family: Family::Ipv4,
+            saddr: lo,
+            sport,
+            daddr: lo,
+            dport,
+            flags: F(flags),
+            seq: if from_client { 1 } else { 9 },
+            ack: 0,
+            win: 100,
+            len: 0,
+            options: TcpOptions::default(),
+            netns,
+        })
+    };
+    let mut ev = Vec::new();
+    for (netns, t0) in [(111, 1000), (222, 1500)] {
+        ev.push(mk(netns, Dir::Egress, t0, F::SYN, true));
+        ev.push(mk(netns, Dir::Ingress, t0 + 5, F::SYN, true));
+    }
+    let (conns, _) = run(&ev);
+    assert_eq!(conns.len(), 2, "two containers, two connections");
+    for (c, ns) in conns.iter().zip([111, 222]) {
+        assert_eq!(c.netns, Some(ns));
+        assert_eq!(c.segments, 1, "egress and ingress on lo are one segment");
+        assert_eq!(c.steps[0].observations.len(), 2);
+        assert!(!c.has_anomaly(AnomalyKind::SynRetransmit));
+    }
+}
+
+#[test]
+fn same_segment_twice_at_one_vantage_point_is_a_retransmission() {
+    let mut ev = seg(10, true, F::SYN, 1000, 0, 0);
+    ev.extend(seg(1_000_010, true, F::SYN, 1000, 0, 0));
+    let c = &run(&ev).0[0];
+    assert_eq!(c.segments, 2);
+    assert_eq!(
+        c.anomaly(AnomalyKind::SynRetransmit).map(|a| a.count),
+        Some(1)
+    );
+    assert!(c.steps[1].retransmission);
+}
+
+#[test]
+fn listener_events_never_create_connections() {
+    use TcpState::*;
+    let listen = |old, new| {
+        Event::State(StateChange {
+            ts_ns: 5,
+            skaddr: 0xdead,
+            pid: 1,
+            comm: "nginx".into(),
+            family: Family::Ipv6,
+            saddr: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            sport: 80,
+            daddr: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            dport: 0,
+            oldstate: old,
+            newstate: new,
+            prev_state_ns: 0,
+            netns: NS_S,
+        })
+    };
+    let (conns, stats) = run(&[listen(Close, Listen), listen(Listen, Close)]);
+    assert!(conns.is_empty());
+    assert_eq!(stats.listener_events, 2);
+}
+
+#[test]
+fn idle_connections_expire_on_tick() {
+    let mut m = Matcher::new(MatcherConfig::default());
+    for e in seg(10, true, F::SYN, 1000, 0, 0) {
+        assert!(m.push(&e).is_empty());
+    }
+    assert!(m.tick(us(10) + 59_000_000_000).is_empty());
+    let out = m.tick(us(10) + 61_000_000_000);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].end_reason, EndReason::IdleTimeout);
+    assert_eq!(m.stats().idle_expired, 1);
+    assert_eq!(m.stats().active, 0);
+}
+
+#[test]
+fn bounded_memory_evicts_the_least_recently_active() {
+    let cfg = MatcherConfig {
+        max_connections: 1000,
+        ..MatcherConfig::default()
+    };
+    let mut m = Matcher::new(cfg);
+    let mut emitted = 0usize;
+    for i in 0..100_000u32 {
+        let ev = Event::Segment(Segment {
+            ts_ns: u64::from(i) * 1000,
+            ifindex: 0,
+            iface: None,
+            dir: Dir::Capture,
+            family: Family::Ipv4,
+            saddr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (i >> 10))),
+            sport: 1024 + (i & 1023) as u16,
+            daddr: sip(),
+            dport: 80,
+            flags: F(F::SYN),
+            seq: i,
+            ack: 0,
+            win: 1,
+            len: 0,
+            options: TcpOptions::default(),
+            netns: 0,
+        });
+        let out = m.push(&ev);
+        for c in &out {
+            assert_eq!(c.end_reason, EndReason::Evicted);
+        }
+        emitted += out.len();
+        assert!(m.stats().active <= 1000);
+    }
+    let s = m.stats();
+    assert_eq!(s.active, 1000);
+    assert_eq!(s.evicted, 99_000);
+    assert_eq!(emitted, 99_000);
+    assert_eq!(s.connections, 100_000);
+    assert_eq!(m.finish().len(), 1000);
+}
+
+#[test]
+fn per_connection_event_cap_counts_data_it_does_not_keep() {
+    let cfg = MatcherConfig {
+        max_events_per_connection: 100,
+        ..MatcherConfig::default()
+    };
+    let mut m = Matcher::new(cfg);
+    let mut ev = seg(0, true, F::SYN, 1000, 0, 0);
+    ev.extend(seg(10, false, F::SYN | F::ACK, 5000, 1001, 0));
+    ev.extend(seg(20, true, F::ACK, 1001, 5001, 0));
+    for k in 0..1000u32 {
+        ev.extend(seg(
+            100 + u64::from(k),
+            false,
+            F::ACK,
+            5001 + k * 100,
+            1001,
+            100,
+        ));
+    }
+    ev.extend(seg(5000, false, F::FIN | F::ACK, 5001 + 100_000, 1001, 0));
+    ev.extend(seg(5010, true, F::FIN | F::ACK, 1001, 5001 + 100_001, 0));
+    ev.extend(seg(5020, false, F::ACK, 5001 + 100_001, 1002, 0));
+    let mut out = Vec::new();
+    for e in &ev {
+        out.extend(m.push(e));
+    }
+    out.extend(m.finish());
+    let c = &out[0];
+    assert_eq!(c.bytes_server, Some(100_000));
+    assert_eq!(c.close, Close::ThreeSegment);
+    assert!(c.has_anomaly(AnomalyKind::Truncated));
+    assert!(m.stats().events_dropped > 0);
+}
+
+/// No event sequence may panic: random flags, numbers, states and tuples.
+#[test]
+fn random_event_soup_never_panics() {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let cfg = MatcherConfig {
+        max_connections: 8,
+        max_events_per_connection: 16,
+        linger_ns: 1000,
+        ..MatcherConfig::default()
+    };
+    let mut m = Matcher::new(cfg);
+    let ips = [
+        cip(),
+        sip(),
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    ];
+    for i in 0..30_000u64 {
+        let r = rnd();
+        let pick = |n: u64, k: u32| ips[((r >> k) % n) as usize];
+        let ts = i * 100 + (r % 300);
+        let ev = if r % 3 == 0 {
+            Event::State(StateChange {
+                ts_ns: ts,
+                skaddr: 0x1000 + (r >> 8) % 6,
+                pid: 0,
+                comm: String::new(),
+                family: Family::Ipv4,
+                saddr: pick(4, 3),
+                sport: [0, 80, CPORT][((r >> 5) % 3) as usize],
+                daddr: pick(4, 9),
+                dport: [0, 80, CPORT][((r >> 11) % 3) as usize],
+                oldstate: TcpState::from_kernel(((r >> 13) % 14) as u8),
+                newstate: TcpState::from_kernel(((r >> 17) % 14) as u8),
+                prev_state_ns: (r >> 20) % 1000,
+                netns: ((r >> 23) % 2) as u32,
+            })
+        } else {
+            let s = seg(
+                0,
+                r % 2 == 0,
+                ((r >> 3) & 0x3f) as u8,
+                (r >> 9) as u32 % 8,
+                (r >> 20) as u32 % 8,
+                ((r >> 30) % 3) as u32,
+            );
+            let mut e = s[((r >> 33) % 2) as usize].clone();
+            if let Event::Segment(sg) = &mut e {
+                sg.ts_ns = ts;
+            }
+            e
+        };
+        for c in m.push(&ev) {
+            let _ = timeline::to_string(&c);
+            let _ = serde_json::to_string(&c).expect("serialises");
+        }
+        if i % 1000 == 0 {
+            m.tick(ts);
+        }
+    }
+    for c in m.finish() {
+        let _ = timeline::to_string(&c);
+    }
+}
