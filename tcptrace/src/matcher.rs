@@ -368,6 +368,7 @@ impl Matcher {
             }
         }
         self.expire_lingering(self.clock, &mut out);
+        sort_out(&mut out);
         out
     }
 
