@@ -6,10 +6,10 @@
 //! asked to trace.
 use anyhow::{anyhow, Context as _};
 
-
 fn main() -> anyhow::Result<()> {
     let out_dir = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
-    let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let skip =
+        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         // aya-build leaves nothing behind; give include_bytes! an empty object.
         let obj = out_dir.join("tcptrace");

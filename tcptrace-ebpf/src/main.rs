@@ -11,7 +11,9 @@
 #![no_main]
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{classifier, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, TracePointContext},
@@ -212,7 +214,11 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
                 | (TCP_ESTABLISHED, TCP_FIN_WAIT1)
                 | (TCP_CLOSE_WAIT, TCP_LAST_ACK)
         );
-        let listen_key = ListenKey { netns, port: sport, _pad: 0 };
+        let listen_key = ListenKey {
+            netns,
+            port: sport,
+            _pad: 0,
+        };
         let known = SOCKS.get(&skaddr).copied();
         let mut info = match known {
             Some(i) => i,
@@ -224,9 +230,16 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
                     ..current_owner(0)
                 })
             }
-            None => SockInfo { owner_known: 0, ..current_owner(0) },
+            None => SockInfo {
+                owner_known: 0,
+                ..current_owner(0)
+            },
         };
-        let prev_state_ns = if known.is_some() && info.ts_ns != 0 { now - info.ts_ns } else { 0 };
+        let prev_state_ns = if known.is_some() && info.ts_ns != 0 {
+            now - info.ts_ns
+        } else {
+            0
+        };
         if owner_ctx {
             info = current_owner(info.ts_ns);
         }
@@ -311,7 +324,8 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
         let fdt: u64 = bpf_probe_read_kernel((files + f.off_files_fdt as u64) as *const u64)?;
         let fds: u64 = bpf_probe_read_kernel((fdt + f.off_fdt_fd as u64) as *const u64)?;
         let file: u64 = bpf_probe_read_kernel((fds + fd as u64 * 8) as *const u64)?;
-        let sock: u64 = bpf_probe_read_kernel((file + f.off_file_private_data as u64) as *const u64)?;
+        let sock: u64 =
+            bpf_probe_read_kernel((file + f.off_file_private_data as u64) as *const u64)?;
         let sk: u64 = bpf_probe_read_kernel((sock + f.off_socket_sk as u64) as *const u64)?;
         // Only sockets already tracked (so filtered ones stay untouched).
         if let Some(info) = SOCKS.get_ptr_mut(&sk) {
@@ -413,7 +427,11 @@ fn try_segment(ctx: &TcContext, dir: u8, l2_len: usize) -> Result<(), i64> {
             return Ok(());
         }
         let ext = (off - l2_len - 40) as u32;
-        ip_payload = if payload_len == 0 { 0 } else { payload_len.saturating_sub(ext) };
+        ip_payload = if payload_len == 0 {
+            0
+        } else {
+            payload_len.saturating_sub(ext)
+        };
         l4 = off;
     } else {
         return Ok(());
@@ -438,10 +456,21 @@ fn try_segment(ctx: &TcContext, dir: u8, l2_len: usize) -> Result<(), i64> {
     }
     let seq = u32::from_be(ctx.load::<u32>(l4 + 4)?);
     let ack = u32::from_be(ctx.load::<u32>(l4 + 8)?);
-    let tcp_and_payload = if ip_payload != 0 { ip_payload } else { skb_len.saturating_sub(l4 as u32) };
+    let tcp_and_payload = if ip_payload != 0 {
+        ip_payload
+    } else {
+        skb_len.saturating_sub(l4 as u32)
+    };
     let len = tcp_and_payload.saturating_sub(doff as u32);
 
-    let key = FlowKey { saddr, daddr, sport, dport, family, _pad: 0 };
+    let key = FlowKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        family,
+        _pad: 0,
+    };
     let control = flags & (TH_SYN | TH_FIN | TH_RST) != 0;
     let mut emit = control;
     if flags & TH_ACK != 0 {
@@ -458,7 +487,14 @@ fn try_segment(ctx: &TcContext, dir: u8, l2_len: usize) -> Result<(), i64> {
     }
     // Wait for the segment that will answer this one, in the other direction.
     if control && flags & TH_RST == 0 && (flags & TH_FIN != 0 || flags & TH_ACK != 0) {
-        let reply = FlowKey { saddr: daddr, daddr: saddr, sport: dport, dport: sport, family, _pad: 0 };
+        let reply = FlowKey {
+            saddr: daddr,
+            daddr: saddr,
+            sport: dport,
+            dport: sport,
+            family,
+            _pad: 0,
+        };
         // SYN-ACK occupies one sequence number; a FIN one after its payload.
         let syn = (flags & TH_SYN != 0) as u32;
         let fin = (flags & TH_FIN != 0) as u32;

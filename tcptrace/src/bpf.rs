@@ -30,12 +30,25 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 pub const PROG_STATE: &str = "tcptrace_state";
 /// Syscall-exit tracepoints for accept() and accept4().
-const PROGS_ACCEPT: [(&str, &str); 2] = [("tcptrace_accept", "sys_exit_accept"), ("tcptrace_accept4", "sys_exit_accept4")];
+const PROGS_ACCEPT: [(&str, &str); 2] = [
+    ("tcptrace_accept", "sys_exit_accept"),
+    ("tcptrace_accept4", "sys_exit_accept4"),
+];
 /// (program, attach point) for interfaces with and without an Ethernet header.
-const PROGS_ETH: [(&str, TcAttachType); 2] = [("tcptrace_in", TcAttachType::Ingress), ("tcptrace_eg", TcAttachType::Egress)];
-const PROGS_L3: [(&str, TcAttachType); 2] =
-    [("tcptrace_in_l3", TcAttachType::Ingress), ("tcptrace_eg_l3", TcAttachType::Egress)];
-pub const TC_PROG_NAMES: [&str; 4] = ["tcptrace_in", "tcptrace_eg", "tcptrace_in_l3", "tcptrace_eg_l3"];
+const PROGS_ETH: [(&str, TcAttachType); 2] = [
+    ("tcptrace_in", TcAttachType::Ingress),
+    ("tcptrace_eg", TcAttachType::Egress),
+];
+const PROGS_L3: [(&str, TcAttachType); 2] = [
+    ("tcptrace_in_l3", TcAttachType::Ingress),
+    ("tcptrace_eg_l3", TcAttachType::Egress),
+];
+pub const TC_PROG_NAMES: [&str; 4] = [
+    "tcptrace_in",
+    "tcptrace_eg",
+    "tcptrace_in_l3",
+    "tcptrace_eg_l3",
+];
 
 const STATE_DIR: &str = "/run/tcptrace";
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -113,7 +126,9 @@ fn ensure_tracefs() -> Result<()> {
         return Ok(());
     }
     // Minimal systems (and our test VMs) may not have tracefs mounted yet.
-    let st = std::process::Command::new("mount").args(["-t", "tracefs", "nodev", TRACEFS]).status();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tracefs", "nodev", TRACEFS])
+        .status();
     if !events.exists() {
         bail!("tracefs is not mounted at {TRACEFS} and mounting it failed ({st:?}): mount it with `mount -t tracefs nodev {TRACEFS}`");
     }
@@ -173,7 +188,12 @@ fn explain_load_error(e: anyhow::Error) -> anyhow::Error {
     // A verifier log runs to thousands of lines; its end says what went wrong.
     let lines: Vec<&str> = text.lines().collect();
     let e = if lines.len() > 30 {
-        anyhow!("{}\n  [… {} verifier lines …]\n{}", lines[0], lines.len() - 21, lines[lines.len() - 20..].join("\n"))
+        anyhow!(
+            "{}\n  [… {} verifier lines …]\n{}",
+            lines[0],
+            lines.len() - 21,
+            lines[lines.len() - 20..].join("\n")
+        )
     } else {
         e
     };
@@ -189,18 +209,28 @@ impl Tracer {
         preflight()?;
         let home = Netns::current()?;
         let btf = Btf::from_sys_fs()?;
-        let (off_sk_net, off_net_ns_inum) =
-            btf::netns_offsets(&btf).context("cannot find how to read a socket's namespace in this kernel's BTF")?;
+        let (off_sk_net, off_net_ns_inum) = btf::netns_offsets(&btf)
+            .context("cannot find how to read a socket's namespace in this kernel's BTF")?;
         let uses_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        let mut tracer =
-            Tracer { home, instances: Vec::new(), iface_names: HashMap::new(), uses_tcx, state_file: None, loggers: Vec::new() };
+        let mut tracer = Tracer {
+            home,
+            instances: Vec::new(),
+            iface_names: HashMap::new(),
+            uses_tcx,
+            state_file: None,
+            loggers: Vec::new(),
+        };
 
         let mut filter = cfg.filter;
         filter.off_sk_net = off_sk_net;
         filter.off_net_ns_inum = off_net_ns_inum;
         match btf::accept_offsets(&btf) {
             Ok([a, b, c, d, e]) => {
-                (filter.off_task_files, filter.off_files_fdt, filter.off_fdt_fd) = (a, b, c);
+                (
+                    filter.off_task_files,
+                    filter.off_files_fdt,
+                    filter.off_fdt_fd,
+                ) = (a, b, c);
                 (filter.off_file_private_data, filter.off_socket_sk) = (d, e);
             }
             Err(e) => log::warn!("accept() will not refine socket owners: {e:#}"),
@@ -210,12 +240,15 @@ impl Tracer {
         tracer.loggers.extend(logger);
         {
             let tp: &mut TracePoint = program(&mut ebpf, PROG_STATE)?.try_into()?;
-            tp.load().map_err(|e| explain_load_error(anyhow!(e).context(PROG_STATE)))?;
-            tp.attach("sock", "inet_sock_set_state").context("attaching to tracepoint sock:inet_sock_set_state")?;
+            tp.load()
+                .map_err(|e| explain_load_error(anyhow!(e).context(PROG_STATE)))?;
+            tp.attach("sock", "inet_sock_set_state")
+                .context("attaching to tracepoint sock:inet_sock_set_state")?;
         }
         for (name, tp_name) in PROGS_ACCEPT {
             let tp: &mut TracePoint = program(&mut ebpf, name)?.try_into()?;
-            tp.load().map_err(|e| explain_load_error(anyhow!(e).context(name)))?;
+            tp.load()
+                .map_err(|e| explain_load_error(anyhow!(e).context(name)))?;
             // Without syscall tracepoints (CONFIG_FTRACE_SYSCALLS) children
             // keep their listener's owner; say so rather than fail.
             if let Err(e) = tp.attach("syscalls", tp_name) {
@@ -223,7 +256,14 @@ impl Tracer {
             }
         }
         let home_ns = Netns::current()?;
-        tracer.instances.push(Instance { netns: home_ns, att: Attached { ebpf, qdiscs_added: vec![], netlink_ifaces: vec![] } });
+        tracer.instances.push(Instance {
+            netns: home_ns,
+            att: Attached {
+                ebpf,
+                qdiscs_added: vec![],
+                netlink_ifaces: vec![],
+            },
+        });
 
         if cfg.wire {
             for spec in &cfg.netns {
@@ -235,13 +275,22 @@ impl Tracer {
                 f.netns = ns.inode;
                 let (ebpf, logger) = load_instance(cfg, &f)?;
                 tracer.loggers.extend(logger);
-                tracer.instances.push(Instance { netns: ns, att: Attached { ebpf, qdiscs_added: vec![], netlink_ifaces: vec![] } });
+                tracer.instances.push(Instance {
+                    netns: ns,
+                    att: Attached {
+                        ebpf,
+                        qdiscs_added: vec![],
+                        netlink_ifaces: vec![],
+                    },
+                });
             }
             let explicit = !cfg.ifaces.is_empty();
             let mut matched = vec![false; cfg.ifaces.len()];
             for i in 0..tracer.instances.len() {
                 let (home, Instance { netns, att }) = (&tracer.home, &mut tracer.instances[i]);
-                let names = netns.enter(home, || attach_wire(att, &cfg.ifaces, &mut matched, uses_tcx))?;
+                let names = netns.enter(home, || {
+                    attach_wire(att, &cfg.ifaces, &mut matched, uses_tcx)
+                })?;
                 for (idx, name) in names {
                     tracer.iface_names.insert((netns.inode, idx), name);
                 }
@@ -264,7 +313,11 @@ impl Tracer {
         self.instances
             .iter_mut()
             .map(|i| {
-                let map = i.att.ebpf.take_map("EVENTS").context("EVENTS map missing from the eBPF object")?;
+                let map = i
+                    .att
+                    .ebpf
+                    .take_map("EVENTS")
+                    .context("EVENTS map missing from the eBPF object")?;
                 Ok(RingBuf::try_from(map)?)
             })
             .collect()
@@ -282,15 +335,26 @@ impl Tracer {
     }
 
     fn record_state(&mut self) -> Result<()> {
-        if self.uses_tcx || self.instances.iter().all(|i| i.att.netlink_ifaces.is_empty()) {
+        if self.uses_tcx
+            || self
+                .instances
+                .iter()
+                .all(|i| i.att.netlink_ifaces.is_empty())
+        {
             return Ok(());
         }
         std::fs::create_dir_all(STATE_DIR)?;
         let path = Path::new(STATE_DIR).join(format!("{}.state", std::process::id()));
         let mut text = String::new();
         for i in &self.instances {
-            let ns_path = format!("/proc/{}/fd/{}", std::process::id(), std::os::fd::AsRawFd::as_raw_fd(&i.netns.file));
-            let ns_path = std::fs::read_link(&ns_path).map(|_| i.netns.label.clone()).unwrap_or(ns_path);
+            let ns_path = format!(
+                "/proc/{}/fd/{}",
+                std::process::id(),
+                std::os::fd::AsRawFd::as_raw_fd(&i.netns.file)
+            );
+            let ns_path = std::fs::read_link(&ns_path)
+                .map(|_| i.netns.label.clone())
+                .unwrap_or(ns_path);
             for iface in &i.att.netlink_ifaces {
                 let added = i.att.qdiscs_added.contains(iface);
                 text.push_str(&format!("{}\t{}\t{}\n", ns_path, iface, added as u8));
@@ -303,12 +367,18 @@ impl Tracer {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
-    ebpf.program_mut(name).with_context(|| format!("program {name} missing from the eBPF object"))
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))
 }
 
 /// Attaches the TC programs of `inst` to the chosen interfaces of the
 /// namespace this thread is in. Returns (ifindex, name) of what it attached.
-fn attach_wire(inst: &mut Attached, wanted: &[String], matched: &mut [bool], tcx: bool) -> Result<Vec<(u32, String)>> {
+fn attach_wire(
+    inst: &mut Attached,
+    wanted: &[String],
+    matched: &mut [bool],
+    tcx: bool,
+) -> Result<Vec<(u32, String)>> {
     let ifaces: Vec<Iface> = netns::interfaces()?
         .into_iter()
         .filter(|i| {
@@ -327,7 +397,8 @@ fn attach_wire(inst: &mut Attached, wanted: &[String], matched: &mut [bool], tcx
     for set in [PROGS_ETH, PROGS_L3] {
         for (name, _) in set {
             let p: &mut SchedClassifier = program(&mut inst.ebpf, name)?.try_into()?;
-            p.load().map_err(|e| explain_load_error(anyhow!(e).context(name)))?;
+            p.load()
+                .map_err(|e| explain_load_error(anyhow!(e).context(name)))?;
         }
     }
     let mut attached = Vec::new();
@@ -337,7 +408,11 @@ fn attach_wire(inst: &mut Attached, wanted: &[String], matched: &mut [bool], tcx
                 Ok(()) => inst.qdiscs_added.push(iface.name.clone()),
                 // EEXIST: someone else's clsact; use it, never delete it.
                 Err(e) if format!("{e:?}").contains("17") || e.to_string().contains("exists") => {}
-                Err(e) => return Err(anyhow!(e).context(format!("adding a clsact qdisc to {}", iface.name))),
+                Err(e) => {
+                    return Err(
+                        anyhow!(e).context(format!("adding a clsact qdisc to {}", iface.name))
+                    )
+                }
             }
         }
         let progs = if iface.ethernet { PROGS_ETH } else { PROGS_L3 };
@@ -368,7 +443,12 @@ impl Drop for Tracer {
     fn drop(&mut self) {
         let home = &self.home;
         for inst in self.instances.drain(..) {
-            let Instance { netns, att: Attached { ebpf, qdiscs_added, .. } } = inst;
+            let Instance {
+                netns,
+                att: Attached {
+                    ebpf, qdiscs_added, ..
+                },
+            } = inst;
             // Netlink filters are removed through a socket in their own
             // namespace, so drop (detach) there.
             let r = netns.enter(home, || {
@@ -389,7 +469,9 @@ impl Drop for Tracer {
 }
 
 fn del_clsact(iface: &str) {
-    let _ = std::process::Command::new("tc").args(["qdisc", "del", "dev", iface, "clsact"]).status();
+    let _ = std::process::Command::new("tc")
+        .args(["qdisc", "del", "dev", iface, "clsact"])
+        .status();
 }
 
 /// `tcptrace cleanup`: removes TC filters (and qdiscs it added) that killed
@@ -403,7 +485,10 @@ pub fn cleanup() -> Result<usize> {
     if let Ok(dir) = std::fs::read_dir(STATE_DIR) {
         for entry in dir.flatten() {
             let path = entry.path();
-            let pid: Option<u32> = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse().ok());
+            let pid: Option<u32> = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse().ok());
             if pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists()) {
                 continue; // that run is alive and will clean up itself
             }
@@ -436,7 +521,9 @@ pub fn cleanup() -> Result<usize> {
                         }
                     }
                 }
-                if added_qdiscs.iter().any(|(l, i)| (l == &ns.label || (l == "host" && ns.label == "host")) && *i == iface.name) {
+                if added_qdiscs.iter().any(|(l, i)| {
+                    (l == &ns.label || (l == "host" && ns.label == "host")) && *i == iface.name
+                }) {
                     del_clsact(&iface.name);
                 }
             }

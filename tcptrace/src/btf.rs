@@ -52,10 +52,14 @@ impl Btf {
 
     pub fn parse(data: &[u8]) -> Result<Self> {
         let u16_at = |o: usize| -> Result<u16> {
-            Ok(u16::from_le_bytes(data.get(o..o + 2).context("truncated")?.try_into()?))
+            Ok(u16::from_le_bytes(
+                data.get(o..o + 2).context("truncated")?.try_into()?,
+            ))
         };
         let u32_at = |o: usize| -> Result<u32> {
-            Ok(u32::from_le_bytes(data.get(o..o + 4).context("truncated")?.try_into()?))
+            Ok(u32::from_le_bytes(
+                data.get(o..o + 4).context("truncated")?.try_into()?,
+            ))
         };
         if u16_at(0)? != BTF_MAGIC {
             bail!("not BTF (bad magic, or big-endian)");
@@ -65,8 +69,17 @@ impl Btf {
         let type_len = u32_at(12)? as usize;
         let str_off = hdr_len + u32_at(16)? as usize;
         let str_len = u32_at(20)? as usize;
-        let strings = data.get(str_off..str_off + str_len).context("string section out of range")?.to_vec();
-        let mut types = vec![Type { name_off: 0, kind: 0, kind_flag: false, size_or_type: 0, members: vec![] }];
+        let strings = data
+            .get(str_off..str_off + str_len)
+            .context("string section out of range")?
+            .to_vec();
+        let mut types = vec![Type {
+            name_off: 0,
+            kind: 0,
+            kind_flag: false,
+            size_or_type: 0,
+            members: vec![],
+        }];
         let mut o = type_off;
         let end = type_off + type_len;
         while o < end {
@@ -83,7 +96,11 @@ impl Btf {
                 KIND_ARRAY => o += 12,
                 KIND_STRUCT | KIND_UNION => {
                     for _ in 0..vlen {
-                        members.push(Member { name_off: u32_at(o)?, ty: u32_at(o + 4)?, bit_offset: u32_at(o + 8)? });
+                        members.push(Member {
+                            name_off: u32_at(o)?,
+                            ty: u32_at(o + 4)?,
+                            bit_offset: u32_at(o + 8)?,
+                        });
                         o += 12;
                     }
                 }
@@ -91,7 +108,13 @@ impl Btf {
                 KIND_DATASEC | KIND_ENUM64 => o += 12 * vlen,
                 _ => {}
             }
-            types.push(Type { name_off, kind, kind_flag, size_or_type, members });
+            types.push(Type {
+                name_off,
+                kind,
+                kind_flag,
+                size_or_type,
+                members,
+            });
         }
         Ok(Btf { strings, types })
     }
@@ -104,7 +127,11 @@ impl Btf {
     fn struct_id(&self, name: &str) -> Option<u32> {
         self.types
             .iter()
-            .position(|t| t.kind == KIND_STRUCT && self.name(t.name_off) == name.as_bytes() && !t.members.is_empty())
+            .position(|t| {
+                t.kind == KIND_STRUCT
+                    && self.name(t.name_off) == name.as_bytes()
+                    && !t.members.is_empty()
+            })
             .map(|i| i as u32)
     }
 
@@ -112,7 +139,12 @@ impl Btf {
     fn resolve(&self, mut id: u32) -> u32 {
         for _ in 0..32 {
             match self.types.get(id as usize) {
-                Some(t) if matches!(t.kind, KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG) => {
+                Some(t)
+                    if matches!(
+                        t.kind,
+                        KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG
+                    ) =>
+                {
                     id = t.size_or_type
                 }
                 _ => break,
@@ -129,7 +161,11 @@ impl Btf {
             return None;
         }
         for m in &t.members {
-            let bits = if t.kind_flag { m.bit_offset & 0x00ff_ffff } else { m.bit_offset };
+            let bits = if t.kind_flag {
+                m.bit_offset & 0x00ff_ffff
+            } else {
+                m.bit_offset
+            };
             let name = self.name(m.name_off);
             if name == member.as_bytes() {
                 return Some((bits / 8, m.ty));
@@ -145,10 +181,14 @@ impl Btf {
 
     /// Offset of `a.b.c` inside `struct s`.
     pub fn offset_of(&self, s: &str, path: &[&str]) -> Result<u32> {
-        let mut id = self.struct_id(s).with_context(|| format!("struct {s} not in kernel BTF"))?;
+        let mut id = self
+            .struct_id(s)
+            .with_context(|| format!("struct {s} not in kernel BTF"))?;
         let mut total = 0;
         for m in path {
-            let (off, ty) = self.member(id, m).with_context(|| format!("no member {m} on the way to {s}.{}", path.join(".")))?;
+            let (off, ty) = self
+                .member(id, m)
+                .with_context(|| format!("no member {m} on the way to {s}.{}", path.join(".")))?;
             total += off;
             id = ty;
         }

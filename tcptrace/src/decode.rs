@@ -22,14 +22,19 @@ impl std::fmt::Display for DecodeError {
         match self {
             DecodeError::Empty => write!(f, "empty record"),
             DecodeError::UnknownKind(k) => write!(f, "unknown record kind {k}"),
-            DecodeError::Short { kind, len } => write!(f, "record of kind {kind} is {len} bytes, too short"),
+            DecodeError::Short { kind, len } => {
+                write!(f, "record of kind {kind} is {len} bytes, too short")
+            }
         }
     }
 }
 
 fn read<T: Copy>(buf: &[u8], kind: u8) -> Result<T, DecodeError> {
     if buf.len() < std::mem::size_of::<T>() {
-        return Err(DecodeError::Short { kind, len: buf.len() });
+        return Err(DecodeError::Short {
+            kind,
+            len: buf.len(),
+        });
     }
     // SAFETY: length checked; T is a plain #[repr(C)] record, any bits valid.
     Ok(unsafe { std::ptr::read_unaligned(buf.as_ptr() as *const T) })
@@ -80,7 +85,11 @@ pub fn decode(buf: &[u8], names: &IfaceNames) -> Result<Event, DecodeError> {
                 ts_ns: r.ts_ns,
                 ifindex: r.ifindex,
                 iface: names.get(&(r.netns, r.ifindex)).cloned(),
-                dir: if r.dir == DIR_EGRESS { Dir::Egress } else { Dir::Ingress },
+                dir: if r.dir == DIR_EGRESS {
+                    Dir::Egress
+                } else {
+                    Dir::Ingress
+                },
                 family: family(r.family),
                 saddr: addr(r.family, &r.saddr),
                 sport: r.sport,
@@ -106,7 +115,10 @@ mod tests {
 
     fn bytes<T>(v: &T) -> Vec<u8> {
         // SAFETY: viewing a plain record as bytes.
-        unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()).to_vec() }
+        unsafe {
+            std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>())
+                .to_vec()
+        }
     }
 
     #[test]
@@ -134,11 +146,19 @@ mod tests {
             daddr: saddr,
             comm,
         };
-        let Event::State(s) = decode(&bytes(&r), &IfaceNames::new()).unwrap() else { panic!("not a state") };
-        assert_eq!((s.oldstate, s.newstate), (TcpState::SynSent, TcpState::Established));
+        let Event::State(s) = decode(&bytes(&r), &IfaceNames::new()).unwrap() else {
+            panic!("not a state")
+        };
+        assert_eq!(
+            (s.oldstate, s.newstate),
+            (TcpState::SynSent, TcpState::Established)
+        );
         assert_eq!(s.comm, "curl");
         assert_eq!(s.saddr.to_string(), "127.0.0.1");
-        assert_eq!((s.sport, s.dport, s.pid, s.netns), (40000, 80, 42, 4026531840));
+        assert_eq!(
+            (s.sport, s.dport, s.pid, s.netns),
+            (40000, 80, 42, 4026531840)
+        );
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["skaddr"], "0xffff888012345678");
         assert_eq!(json["oldstate"], "SYN_SENT");
@@ -169,7 +189,9 @@ mod tests {
             options,
         };
         let names = IfaceNames::from([((5, 1), "lo".to_string())]);
-        let Event::Segment(s) = decode(&bytes(&r), &names).unwrap() else { panic!("not a segment") };
+        let Event::Segment(s) = decode(&bytes(&r), &names).unwrap() else {
+            panic!("not a segment")
+        };
         assert_eq!(s.flags.to_string(), "S.");
         assert_eq!(s.options.mss, Some(65495));
         assert_eq!(s.iface.as_deref(), Some("lo"));
@@ -181,6 +203,9 @@ mod tests {
         let names = IfaceNames::new();
         assert_eq!(decode(&[], &names), Err(DecodeError::Empty));
         assert_eq!(decode(&[9, 0, 0], &names), Err(DecodeError::UnknownKind(9)));
-        assert!(matches!(decode(&[EVENT_STATE, 0], &names), Err(DecodeError::Short { .. })));
+        assert!(matches!(
+            decode(&[EVENT_STATE, 0], &names),
+            Err(DecodeError::Short { .. })
+        ));
     }
 }

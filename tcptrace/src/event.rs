@@ -343,7 +343,9 @@ mod tests {
     #[test]
     fn options_of_a_linux_syn() {
         // mss 1460,sackOK,TS val 3 ecr 0,nop,wscale 7
-        let b = [2, 4, 5, 180, 4, 2, 8, 10, 0, 0, 0, 3, 0, 0, 0, 0, 1, 3, 3, 7];
+        let b = [
+            2, 4, 5, 180, 4, 2, 8, 10, 0, 0, 0, 3, 0, 0, 0, 0, 1, 3, 3, 7,
+        ];
         let o = TcpOptions::parse(&b);
         assert_eq!(o.mss, Some(1460));
         assert!(o.sack_ok);

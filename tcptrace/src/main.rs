@@ -25,7 +25,10 @@ use tokio::sync::mpsc;
 /// segments on the wire (TC programs on the interfaces), matched into one
 /// explained timeline per connection, printed when the connection ends.
 #[derive(Parser)]
-#[command(version, after_help = "Examples:\n  sudo tcptrace                       timelines of every connection on this host\n  sudo tcptrace --events -p 443       one line per state change and segment, port 443\n  sudo tcptrace --json --duration 5   JSON Lines for 5 seconds\n  tcptrace pcap capture.pcapng        the same timelines from a capture file, no root\n  sudo tcptrace demo                  two namespaces, an HTTP server, three downloads, explained")]
+#[command(
+    version,
+    after_help = "Examples:\n  sudo tcptrace                       timelines of every connection on this host\n  sudo tcptrace --events -p 443       one line per state change and segment, port 443\n  sudo tcptrace --json --duration 5   JSON Lines for 5 seconds\n  tcptrace pcap capture.pcapng        the same timelines from a capture file, no root\n  sudo tcptrace demo                  two namespaces, an HTTP server, three downloads, explained"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -116,7 +119,10 @@ fn main() {
 }
 
 fn merge(a: OutputArgs, b: OutputArgs) -> Mode {
-    mode(OutputArgs { json: a.json || b.json, events: a.events || b.events })
+    mode(OutputArgs {
+        json: a.json || b.json,
+        events: a.events || b.events,
+    })
 }
 
 fn mode(o: OutputArgs) -> Mode {
@@ -203,7 +209,11 @@ fn filter_from(a: &LiveArgs) -> Result<Filter> {
 }
 
 fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
-    let ring_size = a.ring_size.max(4096).checked_next_power_of_two().context("--ring-size too large")?;
+    let ring_size = a
+        .ring_size
+        .max(4096)
+        .checked_next_power_of_two()
+        .context("--ring-size too large")?;
     let cfg = TraceConfig {
         filter: filter_from(&a)?,
         ring_size,
@@ -214,7 +224,9 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
     let mut tracer = Tracer::start(&cfg)?;
     let rings = tracer.take_rings()?;
     let loggers = std::mem::take(&mut tracer.loggers);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let res = rt.block_on(async {
         for l in loggers {
             tokio::spawn(reader::forward_logs(l));
@@ -226,18 +238,30 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
     res
 }
 
-async fn run_live(tracer: &Tracer, rings: Vec<aya::maps::RingBuf<aya::maps::MapData>>, a: &LiveArgs, mode: Mode) -> Result<i32> {
+async fn run_live(
+    tracer: &Tracer,
+    rings: Vec<aya::maps::RingBuf<aya::maps::MapData>>,
+    a: &LiveArgs,
+    mode: Mode,
+) -> Result<i32> {
     let clock = Clock::monotonic();
     let names = Arc::new(tracer.iface_names.clone());
     let stats = Arc::new(ReaderStats::default());
     let (tx, mut rx) = mpsc::channel::<Vec<Event>>(1024);
     for ring in rings {
-        tokio::spawn(reader::read_ring(ring, names.clone(), stats.clone(), tx.clone()));
+        tokio::spawn(reader::read_ring(
+            ring,
+            names.clone(),
+            stats.clone(),
+            tx.clone(),
+        ));
     }
     drop(tx);
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let deadline = a.duration.map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d.max(0.0)));
+    let deadline = a
+        .duration
+        .map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d.max(0.0)));
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut matcher = Matcher::new(MatcherConfig::default());
     let mut out = std::io::BufWriter::new(std::io::stdout());
@@ -245,7 +269,14 @@ async fn run_live(tracer: &Tracer, rings: Vec<aya::maps::RingBuf<aya::maps::MapD
     let mut lost_reported = 0;
     // Always on stderr, JSON mode included: scripts wait for it to know the
     // programs are attached.
-    eprintln!("tcptrace: tracing{}; Ctrl-C to stop", if tracer.uses_tcx { "" } else { " (TC via netlink)" });
+    eprintln!(
+        "tcptrace: tracing{}; Ctrl-C to stop",
+        if tracer.uses_tcx {
+            ""
+        } else {
+            " (TC via netlink)"
+        }
+    );
     'run: loop {
         tokio::select! {
             batch = rx.recv() => {
@@ -304,15 +335,29 @@ async fn run_live(tracer: &Tracer, rings: Vec<aya::maps::RingBuf<aya::maps::MapD
     let lost = tracer.lost();
     let undecodable = stats.undecodable.load(Ordering::Relaxed);
     if mode == Mode::Json {
-        writeln!(out, "{}", serde_json::json!({"type": "summary", "events": events, "lost": lost, "undecodable": undecodable}))?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"type": "summary", "events": events, "lost": lost, "undecodable": undecodable})
+        )?;
     }
     out.flush()?;
-    eprintln!("tcptrace: {events} events, {lost} lost{}", if undecodable > 0 { format!(", {undecodable} undecodable") } else { String::new() });
+    eprintln!(
+        "tcptrace: {events} events, {lost} lost{}",
+        if undecodable > 0 {
+            format!(", {undecodable} undecodable")
+        } else {
+            String::new()
+        }
+    );
     Ok(0)
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid clock id and out pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

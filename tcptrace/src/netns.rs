@@ -23,7 +23,11 @@ impl Netns {
     /// `NAME` (under /var/run/netns, as `ip netns` makes them) or a path such
     /// as /proc/PID/ns/net.
     pub fn open(spec: &str) -> Result<Self> {
-        let path = if spec.contains('/') { PathBuf::from(spec) } else { Path::new("/var/run/netns").join(spec) };
+        let path = if spec.contains('/') {
+            PathBuf::from(spec)
+        } else {
+            Path::new("/var/run/netns").join(spec)
+        };
         Self::open_path(spec, &path)
     }
 
@@ -32,7 +36,11 @@ impl Netns {
             format!("cannot open network namespace {label} ({}): give a name listed by `ip netns list` or a /proc/PID/ns/net path", path.display())
         })?;
         let inode = file.metadata()?.ino() as u32;
-        Ok(Netns { label: label.to_string(), file, inode })
+        Ok(Netns {
+            label: label.to_string(),
+            file,
+            inode,
+        })
     }
 
     /// Runs `f` with this thread inside the namespace, then returns to `home`.
@@ -40,7 +48,8 @@ impl Netns {
         if self.inode == home.inode {
             return f();
         }
-        setns(&self.file).with_context(|| format!("cannot enter network namespace {}", self.label))?;
+        setns(&self.file)
+            .with_context(|| format!("cannot enter network namespace {}", self.label))?;
         let r = f();
         setns(&home.file).context("cannot return to the original network namespace")?;
         r
@@ -75,14 +84,20 @@ pub fn interfaces() -> Result<Vec<Iface>> {
     // SAFETY: if_nameindex returns a list we free with if_freenameindex.
     let list = unsafe { libc::if_nameindex() };
     if list.is_null() {
-        bail!("cannot list network interfaces: {}", std::io::Error::last_os_error());
+        bail!(
+            "cannot list network interfaces: {}",
+            std::io::Error::last_os_error()
+        );
     }
     let mut names = Vec::new();
     let mut p = list;
     // SAFETY: the list ends with a zeroed entry.
     unsafe {
         while (*p).if_index != 0 {
-            names.push(((*p).if_index, CStr::from_ptr((*p).if_name).to_string_lossy().into_owned()));
+            names.push((
+                (*p).if_index,
+                CStr::from_ptr((*p).if_name).to_string_lossy().into_owned(),
+            ));
             p = p.add(1);
         }
         libc::if_freenameindex(list);
@@ -96,7 +111,11 @@ pub fn interfaces() -> Result<Vec<Iface>> {
     for (index, name) in names {
         // SAFETY: zeroed ifreq with a NUL-terminated name that fits.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
+        for (d, s) in req
+            .ifr_name
+            .iter_mut()
+            .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+        {
             *d = s as libc::c_char;
         }
         let flags = if unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) } == 0 {

@@ -29,12 +29,17 @@ impl Clock {
     /// Live events carry CLOCK_MONOTONIC (bpf_ktime_get_ns).
     pub fn monotonic() -> Self {
         let now = |id| {
-            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
             // SAFETY: valid clock id and out pointer.
             unsafe { libc::clock_gettime(id, &mut ts) };
             ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
         };
-        Clock { offset_ns: now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC) }
+        Clock {
+            offset_ns: now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC),
+        }
     }
 
     /// Capture files already carry epoch timestamps.
@@ -47,7 +52,13 @@ impl Clock {
         let t = (ts_ns as i128 + self.offset_ns).max(0) as u128;
         let secs = t / 1_000_000_000;
         let us = (t % 1_000_000_000) / 1000;
-        format!("{:02}:{:02}:{:02}.{:06}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60, us)
+        format!(
+            "{:02}:{:02}:{:02}.{:06}",
+            (secs / 3600) % 24,
+            (secs / 60) % 60,
+            secs % 60,
+            us
+        )
     }
 }
 
@@ -60,7 +71,11 @@ pub fn endpoint(addr: &IpAddr, port: u16) -> String {
 
 pub fn state_line(s: &StateChange, clock: &Clock) -> String {
     let in_old = if s.prev_state_ns > 0 {
-        format!("  ({:.3} ms in {})", s.prev_state_ns as f64 / 1e6, s.oldstate)
+        format!(
+            "  ({:.3} ms in {})",
+            s.prev_state_ns as f64 / 1e6,
+            s.oldstate
+        )
     } else {
         String::new()
     };
@@ -123,8 +138,14 @@ struct Tagged<'a, T: Serialize> {
 
 pub fn event_json(ev: &Event) -> String {
     let r = match ev {
-        Event::State(s) => serde_json::to_string(&Tagged { kind: "state", inner: s }),
-        Event::Segment(s) => serde_json::to_string(&Tagged { kind: "segment", inner: s }),
+        Event::State(s) => serde_json::to_string(&Tagged {
+            kind: "state",
+            inner: s,
+        }),
+        Event::Segment(s) => serde_json::to_string(&Tagged {
+            kind: "segment",
+            inner: s,
+        }),
     };
     r.unwrap_or_else(|e| format!("{{\"type\":\"error\",\"error\":\"{e}\"}}"))
 }

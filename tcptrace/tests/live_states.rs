@@ -8,19 +8,38 @@ use std::net::SocketAddr;
 use common::*;
 use serde_json::Value;
 
-const CLIENT: [&str; 5] =
-    ["CLOSE→SYN_SENT", "SYN_SENT→ESTABLISHED", "ESTABLISHED→FIN_WAIT1", "FIN_WAIT1→FIN_WAIT2", "FIN_WAIT2→CLOSE"];
-const CHILD: [&str; 5] =
-    ["LISTEN→SYN_RECV", "SYN_RECV→ESTABLISHED", "ESTABLISHED→CLOSE_WAIT", "CLOSE_WAIT→LAST_ACK", "LAST_ACK→CLOSE"];
+const CLIENT: [&str; 5] = [
+    "CLOSE→SYN_SENT",
+    "SYN_SENT→ESTABLISHED",
+    "ESTABLISHED→FIN_WAIT1",
+    "FIN_WAIT1→FIN_WAIT2",
+    "FIN_WAIT2→CLOSE",
+];
+const CHILD: [&str; 5] = [
+    "LISTEN→SYN_RECV",
+    "SYN_RECV→ESTABLISHED",
+    "ESTABLISHED→CLOSE_WAIT",
+    "CLOSE_WAIT→LAST_ACK",
+    "LAST_ACK→CLOSE",
+];
 const LISTENER: [&str; 2] = ["CLOSE→LISTEN", "LISTEN→CLOSE"];
 
 /// Finds the three sockets of one exchange and checks their transitions,
 /// owners and namespaces.
-fn check(events: &[Value], server_port: u16, ex: &Exchange, client_netns: Option<u64>, server_netns: Option<u64>) {
+fn check(
+    events: &[Value],
+    server_port: u16,
+    ex: &Exchange,
+    client_netns: Option<u64>,
+    server_netns: Option<u64>,
+) {
     let states = of_type(events, "state");
     let me = std::process::id() as u64;
     let sk_of = |pred: &dyn Fn(&Value) -> bool| -> String {
-        let e = states.iter().find(|e| pred(e)).unwrap_or_else(|| panic!("no matching event in {states:#?}"));
+        let e = states
+            .iter()
+            .find(|e| pred(e))
+            .unwrap_or_else(|| panic!("no matching event in {states:#?}"));
         e["skaddr"].as_str().unwrap().to_string()
     };
     let client = sk_of(&|e| e["sport"] == ex.client_port && e["dport"] == server_port);
@@ -36,16 +55,30 @@ fn check(events: &[Value], server_port: u16, ex: &Exchange, client_netns: Option
         }
         // Owner, not whoever softirq interrupted: every socket here is ours.
         assert_eq!(e["pid"].as_u64(), Some(me), "owner of {e}");
-        let want_ns = if sk == client { client_netns } else { server_netns };
+        let want_ns = if sk == client {
+            client_netns
+        } else {
+            server_netns
+        };
         if let Some(ns) = want_ns {
             assert_eq!(e["netns"].as_u64(), Some(ns), "netns of {e}");
         }
         assert!(e["ts_ns"].as_u64().unwrap() > 0);
     }
-    let connect = states.iter().find(|e| e["skaddr"] == client.as_str() && e["newstate"] == "SYN_SENT").unwrap();
-    assert_eq!(connect["comm"], ex.client_comm.as_str(), "comm of the connecting thread");
+    let connect = states
+        .iter()
+        .find(|e| e["skaddr"] == client.as_str() && e["newstate"] == "SYN_SENT")
+        .unwrap();
+    assert_eq!(
+        connect["comm"],
+        ex.client_comm.as_str(),
+        "comm of the connecting thread"
+    );
     // Time in SYN_SENT is reported on the way out of it.
-    let est = states.iter().find(|e| e["skaddr"] == client.as_str() && e["newstate"] == "ESTABLISHED").unwrap();
+    let est = states
+        .iter()
+        .find(|e| e["skaddr"] == client.as_str() && e["newstate"] == "ESTABLISHED")
+        .unwrap();
     assert!(est["prev_state_ns"].as_u64().unwrap() > 0, "{est}");
 }
 
@@ -55,7 +88,9 @@ fn loopback(addr: &str) {
     let server: SocketAddr = format!("{addr}:{port}").parse().unwrap();
     let ex = active_close_exchange(None, None, server);
     let events = t.stop();
-    let host_ns = std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+    let host_ns = std::fs::metadata("/proc/self/ns/net")
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .ok();
     check(&events, port, &ex, host_ns, host_ns);
     let summary = of_type(&events, "summary");
     assert_eq!(summary.len(), 1);
@@ -79,15 +114,29 @@ fn loopback_ipv6_transitions() {
 fn across_namespaces(v6: bool) {
     let net = NetPair::new();
     let port = 8080;
-    let t = Trace::start(&["--json", "--no-wire", "--port", "8080", if v6 { "-6" } else { "-4" }]);
-    let server: SocketAddr =
-        if v6 { format!("[{}]:{port}", net.b_v6) } else { format!("{}:{port}", net.b_v4) }.parse().unwrap();
+    let t = Trace::start(&[
+        "--json",
+        "--no-wire",
+        "--port",
+        "8080",
+        if v6 { "-6" } else { "-4" },
+    ]);
+    let server: SocketAddr = if v6 {
+        format!("[{}]:{port}", net.b_v6)
+    } else {
+        format!("{}:{port}", net.b_v4)
+    }
+    .parse()
+    .unwrap();
     let ex = active_close_exchange(Some(&net.b), Some(&net.a), server);
     let events = t.stop();
     let (a, b) = (NetPair::netns_inode(&net.a), NetPair::netns_inode(&net.b));
     check(&events, port, &ex, Some(a), Some(b));
     let fam = if v6 { "ipv6" } else { "ipv4" };
-    assert!(of_type(&events, "state").iter().all(|e| e["family"] == fam), "-4/-6 filter");
+    assert!(
+        of_type(&events, "state").iter().all(|e| e["family"] == fam),
+        "-4/-6 filter"
+    );
 }
 
 #[test]
@@ -112,7 +161,14 @@ fn tiny_ring_reports_lost_events() {
         return;
     }
     let port = free_port();
-    let t = Trace::start(&["--json", "--no-wire", "--ring-size", "4096", "--port", &port.to_string()]);
+    let t = Trace::start(&[
+        "--json",
+        "--no-wire",
+        "--ring-size",
+        "4096",
+        "--port",
+        &port.to_string(),
+    ]);
     // SAFETY: stopping our own child so its ring fills up.
     unsafe { libc::kill(t.pid(), libc::SIGSTOP) };
     let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -130,5 +186,8 @@ fn tiny_ring_reports_lost_events() {
     let got = of_type(&events, "state").len() as u64;
     assert!(lost > 0, "no loss reported; {got} events delivered");
     // ~9 transitions per connection plus the listener's: nothing vanished unaccounted.
-    assert!(got + lost >= 100 * 9, "delivered {got} + lost {lost} < expected");
+    assert!(
+        got + lost >= 100 * 9,
+        "delivered {got} + lost {lost} < expected"
+    );
 }

@@ -29,7 +29,15 @@ impl Tcpdump {
             None => Command::new("tcpdump"),
         };
         let mut child = cmd
-            .args(["-i", iface, "-U", "-n", "-w", &file, &format!("tcp port {port}")])
+            .args([
+                "-i",
+                iface,
+                "-U",
+                "-n",
+                "-w",
+                &file,
+                &format!("tcp port {port}"),
+            ])
             .stderr(Stdio::piped())
             .spawn()
             .expect("tcpdump (Debian package tcpdump; `cargo xtask test` installs it)");
@@ -88,24 +96,41 @@ fn compare(netns: Option<&str>, iface: &str, server: SocketAddr, client_ns: Opti
     let trace = Trace::start(&args);
     active_close_exchange(netns, client_ns, server);
     // Nobody listens any more: SYN answered by RST.
-    let refused = in_netns(client_ns.map(str::to_string).as_deref(), move || std::net::TcpStream::connect(server).is_err());
+    let refused = in_netns(client_ns.map(str::to_string).as_deref(), move || {
+        std::net::TcpStream::connect(server).is_err()
+    });
     assert!(refused, "connection to a closed port succeeded");
     let events = trace.stop();
     let wire = dump.stop();
     let segs = of_type(&events, "segment");
 
-    let control: Vec<&Segment> = wire.iter().filter(|s| s.flags.syn() || s.flags.fin() || s.flags.rst()).collect();
+    let control: Vec<&Segment> = wire
+        .iter()
+        .filter(|s| s.flags.syn() || s.flags.fin() || s.flags.rst())
+        .collect();
     assert!(control.len() >= 6, "tcpdump saw too little: {control:#?}");
     for d in &control {
         let hits: Vec<&&Value> = segs.iter().filter(|t| same(t, d)).collect();
-        assert_eq!(hits.len(), 1, "segment {d:?} seen {} times by tcptrace: {segs:#?}", hits.len());
+        assert_eq!(
+            hits.len(),
+            1,
+            "segment {d:?} seen {} times by tcptrace: {segs:#?}",
+            hits.len()
+        );
         let t = hits[0];
         assert_eq!(t["win"], d.win, "window of {d:?}");
         assert_eq!(t["len"], d.len, "length of {d:?}");
-        assert_eq!(t["options"], serde_json::to_value(d.options).unwrap(), "options of {d:?}");
+        assert_eq!(
+            t["options"],
+            serde_json::to_value(d.options).unwrap(),
+            "options of {d:?}"
+        );
         assert_eq!(t["iface"], iface);
     }
-    assert!(segs.iter().any(|t| t["flags"] == "S") && segs.iter().any(|t| t["flags"] == "R."), "{segs:#?}");
+    assert!(
+        segs.iter().any(|t| t["flags"] == "S") && segs.iter().any(|t| t["flags"] == "R."),
+        "{segs:#?}"
+    );
     // The pure ACKs tcpdump saw right after a SYN-ACK or a FIN, with the
     // acknowledging number, must be there too.
     for (i, d) in wire.iter().enumerate() {
@@ -113,25 +138,45 @@ fn compare(netns: Option<&str>, iface: &str, server: SocketAddr, client_ns: Opti
             continue;
         }
         let want = d.seq.wrapping_add(d.len).wrapping_add(1);
-        if let Some(a) = wire[i + 1..].iter().find(|a| a.saddr == d.daddr && a.sport == d.dport && a.ack == want) {
-            assert!(segs.iter().any(|t| same(t, a)), "the ACK {a:?} of {d:?} is missing");
+        if let Some(a) = wire[i + 1..]
+            .iter()
+            .find(|a| a.saddr == d.daddr && a.sport == d.dport && a.ack == want)
+        {
+            assert!(
+                segs.iter().any(|t| same(t, a)),
+                "the ACK {a:?} of {d:?} is missing"
+            );
         }
     }
     // Nothing else: bulk data never reaches userspace.
-    assert!(segs.iter().all(|t| t["len"] == 0 || t["flags"].as_str().unwrap().contains('F')), "{segs:#?}");
+    assert!(
+        segs.iter()
+            .all(|t| t["len"] == 0 || t["flags"].as_str().unwrap().contains('F')),
+        "{segs:#?}"
+    );
 }
 
 #[test]
 fn loopback_ipv4_matches_tcpdump() {
     if need_root("loopback_ipv4_matches_tcpdump") {
-        compare(None, "lo", format!("127.0.0.1:{}", free_port()).parse().unwrap(), None);
+        compare(
+            None,
+            "lo",
+            format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            None,
+        );
     }
 }
 
 #[test]
 fn loopback_ipv6_matches_tcpdump() {
     if need_root("loopback_ipv6_matches_tcpdump") {
-        compare(None, "lo", format!("[::1]:{}", free_port()).parse().unwrap(), None);
+        compare(
+            None,
+            "lo",
+            format!("[::1]:{}", free_port()).parse().unwrap(),
+            None,
+        );
     }
 }
 
@@ -160,33 +205,54 @@ fn compare_veth(net: &NetPair, server: SocketAddr) {
     let port = server.port();
     let tag = format!("veth-{}", if server.is_ipv4() { 4 } else { 6 });
     let dump = Tcpdump::start(Some(&net.a), &net.a_if, port, &tag);
-    let trace = Trace::start(&["--json", "--netns", &net.a, "--iface", &net.a_if, "--port", "8080"]);
+    let trace = Trace::start(&[
+        "--json", "--netns", &net.a, "--iface", &net.a_if, "--port", "8080",
+    ]);
     active_close_exchange(Some(&net.b), Some(&net.a), server);
     let events = trace.stop();
     let wire = dump.stop();
     let segs = of_type(&events, "segment");
-    let control: Vec<&Segment> = wire.iter().filter(|s| s.flags.syn() || s.flags.fin() || s.flags.rst()).collect();
+    let control: Vec<&Segment> = wire
+        .iter()
+        .filter(|s| s.flags.syn() || s.flags.fin() || s.flags.rst())
+        .collect();
     assert!(control.len() >= 4, "{control:#?}");
     let ns = NetPair::netns_inode(&net.a);
     for d in &control {
         let hits: Vec<&&Value> = segs.iter().filter(|t| same(t, d)).collect();
-        assert_eq!(hits.len(), 1, "segment {d:?} seen {} times: {segs:#?}", hits.len());
+        assert_eq!(
+            hits.len(),
+            1,
+            "segment {d:?} seen {} times: {segs:#?}",
+            hits.len()
+        );
         assert_eq!(hits[0]["options"], serde_json::to_value(d.options).unwrap());
         assert_eq!(hits[0]["win"], d.win);
         assert_eq!(hits[0]["netns"].as_u64(), Some(ns));
-        let dir = if d.saddr == server.ip() { "ingress" } else { "egress" };
+        let dir = if d.saddr == server.ip() {
+            "ingress"
+        } else {
+            "egress"
+        };
         assert_eq!(hits[0]["dir"], dir);
     }
 }
 
 fn our_programs() -> Vec<String> {
-    let out = Command::new("bpftool").args(["-j", "prog", "show"]).output().expect("bpftool");
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("bpftool");
     let progs: Value = serde_json::from_slice(&out.stdout).unwrap_or(json!([]));
     progs
         .as_array()
         .map(|a| {
             a.iter()
-                .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("tcptrace_")))
+                .filter(|p| {
+                    p["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("tcptrace_"))
+                })
                 .map(|p| format!("{} {}", p["id"], p["name"]))
                 .collect()
         })
@@ -196,10 +262,16 @@ fn our_programs() -> Vec<String> {
 fn our_tc_filters() -> String {
     let mut all = String::new();
     for dir in ["ingress", "egress"] {
-        let out = Command::new("tc").args(["filter", "show", "dev", "lo", dir]).output().expect("tc");
+        let out = Command::new("tc")
+            .args(["filter", "show", "dev", "lo", dir])
+            .output()
+            .expect("tc");
         all.push_str(&String::from_utf8_lossy(&out.stdout));
     }
-    all.lines().filter(|l| l.contains("tcptrace_")).collect::<Vec<_>>().join("\n")
+    all.lines()
+        .filter(|l| l.contains("tcptrace_"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[test]
@@ -209,7 +281,10 @@ fn nothing_left_after_exit_or_kill() {
     }
     let before = our_programs();
     let t = Trace::start(&["--json", "--iface", "lo", "--port", "9"]);
-    assert!(our_programs().len() > before.len(), "programs not visible while running");
+    assert!(
+        our_programs().len() > before.len(),
+        "programs not visible while running"
+    );
     t.stop();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(our_programs(), before, "left after a normal exit");
@@ -222,10 +297,17 @@ fn nothing_left_after_exit_or_kill() {
     std::thread::sleep(Duration::from_millis(500));
     if !our_tc_filters().is_empty() {
         // Netlink mode (kernels before 6.6): what `tcptrace cleanup` is for.
-        let st = Command::new(tcptrace_bin()).arg("cleanup").status().unwrap();
+        let st = Command::new(tcptrace_bin())
+            .arg("cleanup")
+            .status()
+            .unwrap();
         assert!(st.success());
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert_eq!(our_tc_filters(), "", "TC filters left after kill -9 and cleanup");
+    assert_eq!(
+        our_tc_filters(),
+        "",
+        "TC filters left after kill -9 and cleanup"
+    );
     assert_eq!(our_programs(), before, "programs left after kill -9");
 }

@@ -30,7 +30,9 @@ pub fn all(test_tools: bool) -> Result<()> {
 pub fn path_with_cargo_bin() -> String {
     let home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo")
+        });
     let path = std::env::var("PATH").unwrap_or_default();
     format!("{}:{path}", home.join("bin").display())
 }
@@ -54,11 +56,18 @@ fn have(cmd: &str) -> bool {
 }
 
 fn nightly_rust_src() -> Result<()> {
-    let sysroot = Command::new("rustc").args(["+nightly", "--print", "sysroot"]).output();
+    let sysroot = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output();
     let has_nightly = sysroot.as_ref().is_ok_and(|o| o.status.success());
     if has_nightly {
-        let root = String::from_utf8_lossy(&sysroot.as_ref().unwrap().stdout).trim().to_string();
-        if Path::new(&root).join("lib/rustlib/src/rust/library/core").exists() {
+        let root = String::from_utf8_lossy(&sysroot.as_ref().unwrap().stdout)
+            .trim()
+            .to_string();
+        if Path::new(&root)
+            .join("lib/rustlib/src/rust/library/core")
+            .exists()
+        {
             return Ok(());
         }
         eprintln!("xtask: adding rust-src to the nightly toolchain (the eBPF crate builds core)");
@@ -68,14 +77,27 @@ fn nightly_rust_src() -> Result<()> {
     }
     eprintln!("xtask: installing the nightly toolchain with rust-src (for the eBPF crate)");
     let mut c = Command::new("rustup");
-    c.args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]);
+    c.args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]);
     status(c)
 }
 
 fn bpf_linker() -> Result<()> {
-    let out = Command::new("bpf-linker").arg("--version").env("PATH", path_with_cargo_bin()).output();
+    let out = Command::new("bpf-linker")
+        .arg("--version")
+        .env("PATH", path_with_cargo_bin())
+        .output();
     if let Ok(o) = &out {
-        if o.status.success() && String::from_utf8_lossy(&o.stdout).contains(&format!(" {BPF_LINKER_VERSION}.")) {
+        if o.status.success()
+            && String::from_utf8_lossy(&o.stdout).contains(&format!(" {BPF_LINKER_VERSION}."))
+        {
             return Ok(());
         }
     }
@@ -86,7 +108,9 @@ fn bpf_linker() -> Result<()> {
         eprintln!("xtask: installing llvm-22-dev (bpf-linker links against it)");
         apt_install(&["llvm-22-dev"])?;
     }
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (once, a few minutes)");
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (once, a few minutes)"
+    );
     let mut c = Command::new("cargo");
     c.args([
         "install",
@@ -103,12 +127,20 @@ fn bpf_linker() -> Result<()> {
 }
 
 fn apt_tools(tools: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = tools.iter().filter(|(cmd, _)| !have(cmd)).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
-        bail!("the tests need: {}; install them with `sudo apt-get install {}`", missing.join(", "), missing.join(" "));
+        bail!(
+            "the tests need: {}; install them with `sudo apt-get install {}`",
+            missing.join(", "),
+            missing.join(" ")
+        );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     apt_install(&missing)
@@ -119,6 +151,8 @@ pub fn apt_install(pkgs: &[&str]) -> Result<()> {
     update.args(["update", "-qq"]);
     status(update)?;
     let mut c = Command::new("apt-get");
-    c.args(["install", "-y", "-qq", "--no-install-recommends"]).args(pkgs).env("DEBIAN_FRONTEND", "noninteractive");
+    c.args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(pkgs)
+        .env("DEBIAN_FRONTEND", "noninteractive");
     status(c)
 }

@@ -57,7 +57,9 @@ fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Bootstrap => bootstrap::all(true),
-        Cmd::Build => bootstrap::all(false).and_then(|_| build_release()).map(|_| ()),
+        Cmd::Build => bootstrap::all(false)
+            .and_then(|_| build_release())
+            .map(|_| ()),
         Cmd::Run { args } => run(args),
         Cmd::Test(t) => test(t),
         Cmd::Bench(b) => bootstrap::all(false).and_then(|_| bench::run(b)),
@@ -69,7 +71,10 @@ fn main() {
 }
 
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 pub fn cargo() -> Command {
@@ -81,7 +86,9 @@ pub fn cargo() -> Command {
 
 pub fn status(mut cmd: Command) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let st = cmd.status().with_context(|| format!("cannot start {shown}"))?;
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
     if !st.success() {
         bail!("{shown} failed ({st})");
     }
@@ -98,7 +105,10 @@ fn build_release() -> Result<PathBuf> {
 fn run(args: Vec<String>) -> Result<()> {
     bootstrap::all(false)?;
     let bin = build_release()?;
-    let st = Command::new(&bin).args(&args).status().with_context(|| format!("cannot start {}", bin.display()))?;
+    let st = Command::new(&bin)
+        .args(&args)
+        .status()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
     std::process::exit(st.code().unwrap_or(1));
 }
 
@@ -111,7 +121,14 @@ fn test(t: TestArgs) -> Result<()> {
             fmt.args(["fmt", "--all", "--check"]);
             status(fmt).context("cargo fmt --check: run `cargo fmt --all`")?;
             let mut clippy = cargo();
-            clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+            clippy.args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]);
             status(clippy)?;
         }
         results.push(("host".into(), host_tests()));
@@ -144,7 +161,13 @@ fn test(t: TestArgs) -> Result<()> {
 /// Runs the workspace's tests on this host and returns a "N passed, M failed" line.
 fn host_tests() -> Result<String> {
     let mut c = cargo();
-    c.args(["test", "--workspace", "--no-fail-fast", "--", "--test-threads=1"]);
+    c.args([
+        "test",
+        "--workspace",
+        "--no-fail-fast",
+        "--",
+        "--test-threads=1",
+    ]);
     let (st, stdout) = tee_stdout(c)?;
     let (passed, failed) = count_results(&stdout);
     if !st.success() {
@@ -158,7 +181,9 @@ pub fn count_results(stdout: &str) -> (u64, u64) {
     let mut passed = 0;
     let mut failed = 0;
     for line in stdout.lines() {
-        let Some(rest) = line.trim().strip_prefix("test result: ") else { continue };
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            continue;
+        };
         for part in rest.split(';') {
             let words: Vec<&str> = part.split_whitespace().collect();
             if let [.., n, what] = words.as_slice() {

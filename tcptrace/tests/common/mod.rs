@@ -31,7 +31,11 @@ pub fn need_root(test: &str) -> bool {
 
 /// A free TCP port on loopback (the kernel's pick), for a port filter.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Trace {
@@ -66,10 +70,18 @@ impl Trace {
                 }
             }
         });
-        let mut t = Trace { child, stderr_lines: rx, stdout: Some(stdout), stderr: Vec::new() };
+        let mut t = Trace {
+            child,
+            stderr_lines: rx,
+            stdout: Some(stdout),
+            stderr: Vec::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match t.stderr_lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            match t
+                .stderr_lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
                 Ok(line) => {
                     let ready = line.contains("tracing");
                     t.stderr.push(line);
@@ -101,7 +113,11 @@ impl Trace {
             self.stderr.push(l);
         }
         let out = self.stdout.take().unwrap().join().unwrap();
-        assert!(status.success(), "tcptrace exited with {status}; stderr: {:?}", self.stderr);
+        assert!(
+            status.success(),
+            "tcptrace exited with {status}; stderr: {:?}",
+            self.stderr
+        );
         out.lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
             .collect()
@@ -118,7 +134,10 @@ impl Drop for Trace {
 static NS_SEQ: AtomicU32 = AtomicU32::new(0);
 
 fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().expect("run ip (iproute2)");
+    let st = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("run ip (iproute2)");
     assert!(st.success(), "ip {args:?} failed");
 }
 
@@ -151,10 +170,25 @@ impl NetPair {
         };
         ip(&["netns", "add", &p.a]);
         ip(&["netns", "add", &p.b]);
-        ip(&["link", "add", &p.a_if, "netns", &p.a, "type", "veth", "peer", "name", &p.b_if, "netns", &p.b]);
-        for (ns, ifname, v4, v6) in [(&p.a, &p.a_if, &p.a_v4, &p.a_v6), (&p.b, &p.b_if, &p.b_v4, &p.b_v6)] {
+        ip(&[
+            "link", "add", &p.a_if, "netns", &p.a, "type", "veth", "peer", "name", &p.b_if,
+            "netns", &p.b,
+        ]);
+        for (ns, ifname, v4, v6) in [
+            (&p.a, &p.a_if, &p.a_v4, &p.a_v6),
+            (&p.b, &p.b_if, &p.b_v4, &p.b_v6),
+        ] {
             ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", ifname]);
-            ip(&["-n", ns, "addr", "add", &format!("{v6}/112"), "dev", ifname, "nodad"]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{v6}/112"),
+                "dev",
+                ifname,
+                "nodad",
+            ]);
             ip(&["-n", ns, "link", "set", ifname, "up"]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
@@ -163,7 +197,9 @@ impl NetPair {
 
     pub fn netns_inode(name: &str) -> u64 {
         use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(format!("/var/run/netns/{name}")).unwrap().ino()
+        std::fs::metadata(format!("/var/run/netns/{name}"))
+            .unwrap()
+            .ino()
     }
 }
 
@@ -182,7 +218,8 @@ pub fn in_netns<T: Send + 'static>(ns: Option<&str>, f: impl FnOnce() -> T + Sen
         if let Some(p) = path {
             let file = std::fs::File::open(&p).unwrap();
             // SAFETY: valid fd; affects this thread only.
-            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            let r =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
             assert_eq!(r, 0, "setns {p}");
         }
         f()
@@ -192,7 +229,10 @@ pub fn in_netns<T: Send + 'static>(ns: Option<&str>, f: impl FnOnce() -> T + Sen
 }
 
 pub fn thread_comm() -> String {
-    std::fs::read_to_string("/proc/thread-self/comm").unwrap().trim().to_string()
+    std::fs::read_to_string("/proc/thread-self/comm")
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 /// What one client/server exchange looked like from the test's side.
@@ -204,7 +244,11 @@ pub struct Exchange {
 /// Listener on `server`, a client that connects from `client_ns`, writes,
 /// closes first (active close); the server reads to EOF and closes
 /// (passive close). Returns once both sides are closed.
-pub fn active_close_exchange(server_ns: Option<&str>, client_ns: Option<&str>, server: SocketAddr) -> Exchange {
+pub fn active_close_exchange(
+    server_ns: Option<&str>,
+    client_ns: Option<&str>,
+    server: SocketAddr,
+) -> Exchange {
     let listener = {
         let server = server;
         in_netns(server_ns, move || TcpListener::bind(server).expect("bind"))
@@ -232,7 +276,10 @@ pub fn active_close_exchange(server_ns: Option<&str>, client_ns: Option<&str>, s
     });
     assert_eq!(srv.join().unwrap(), 5);
     std::thread::sleep(Duration::from_millis(100));
-    Exchange { client_port, client_comm }
+    Exchange {
+        client_port,
+        client_comm,
+    }
 }
 
 /// The JSON objects of one type.
@@ -244,5 +291,13 @@ pub fn of_type<'a>(v: &'a [Value], t: &str) -> Vec<&'a Value> {
 pub fn transitions(states: &[&Value], skaddr: &str) -> Vec<String> {
     let mut v: Vec<&&Value> = states.iter().filter(|e| e["skaddr"] == skaddr).collect();
     v.sort_by_key(|e| e["ts_ns"].as_u64());
-    v.iter().map(|e| format!("{}→{}", e["oldstate"].as_str().unwrap(), e["newstate"].as_str().unwrap())).collect()
+    v.iter()
+        .map(|e| {
+            format!(
+                "{}→{}",
+                e["oldstate"].as_str().unwrap(),
+                e["newstate"].as_str().unwrap()
+            )
+        })
+        .collect()
 }
