@@ -72,7 +72,7 @@ const TH_ACK: u8 = 0x10;
 #[inline(always)]
 fn filter() -> &'static tcptrace_common::Filter {
     // SAFETY: read of an immutable global the loader patched before load.
-    unsafe { &*core::ptr::read_volatile(&&FILTER) }
+    unsafe { core::ptr::read_volatile(&&FILTER) }
 }
 
 #[inline(always)]
@@ -219,13 +219,13 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
             port: sport,
             _pad: 0,
         };
-        let known = SOCKS.get(&skaddr).copied();
+        let known = SOCKS.get(skaddr).copied();
         let mut info = match known {
             Some(i) => i,
             None if oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV => {
                 // A passively opened child: it belongs to its listener's owner
                 // until accept() says who took it.
-                LISTENERS.get(&listen_key).copied().unwrap_or(SockInfo {
+                LISTENERS.get(listen_key).copied().unwrap_or(SockInfo {
                     owner_known: 0,
                     ..current_owner(0)
                 })
@@ -274,15 +274,15 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
 
         if newstate == TCP_LISTEN {
-            let _ = LISTENERS.insert(&listen_key, &info, 0);
+            let _ = LISTENERS.insert(listen_key, info, 0);
         } else if oldstate == TCP_LISTEN && newstate == TCP_CLOSE {
-            let _ = LISTENERS.remove(&listen_key);
+            let _ = LISTENERS.remove(listen_key);
         }
         if newstate == TCP_CLOSE {
-            let _ = SOCKS.remove(&skaddr);
+            let _ = SOCKS.remove(skaddr);
         } else {
             info.ts_ns = now;
-            let _ = SOCKS.insert(&skaddr, &info, 0);
+            let _ = SOCKS.insert(skaddr, info, 0);
         }
     }
     Ok(())
@@ -328,7 +328,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
             bpf_probe_read_kernel((file + f.off_file_private_data as u64) as *const u64)?;
         let sk: u64 = bpf_probe_read_kernel((sock + f.off_socket_sk as u64) as *const u64)?;
         // Only sockets already tracked (so filtered ones stay untouched).
-        if let Some(info) = SOCKS.get_ptr_mut(&sk) {
+        if let Some(info) = SOCKS.get_ptr_mut(sk) {
             let owner = current_owner(0);
             (*info).pid = owner.pid;
             (*info).comm = owner.comm;
@@ -475,10 +475,10 @@ fn try_segment(ctx: &TcContext, dir: u8, l2_len: usize) -> Result<(), i64> {
     let mut emit = control;
     if flags & TH_ACK != 0 {
         // SAFETY: value copied out right away.
-        if let Some(expected) = unsafe { FLOWS.get(&key) } {
+        if let Some(expected) = unsafe { FLOWS.get(key) } {
             if *expected == ack {
                 emit = true;
-                let _ = FLOWS.remove(&key);
+                let _ = FLOWS.remove(key);
             }
         }
     }
@@ -499,7 +499,7 @@ fn try_segment(ctx: &TcContext, dir: u8, l2_len: usize) -> Result<(), i64> {
         let syn = (flags & TH_SYN != 0) as u32;
         let fin = (flags & TH_FIN != 0) as u32;
         let expected = seq.wrapping_add(syn).wrapping_add(len).wrapping_add(fin);
-        let _ = FLOWS.insert(&reply, &expected, 0);
+        let _ = FLOWS.insert(reply, expected, 0);
     }
 
     let netns = filter().netns;

@@ -142,7 +142,7 @@ fn cleanup() -> Result<i32> {
     Ok(0)
 }
 
-fn pcap(file: &PathBuf, mode: Mode) -> Result<i32> {
+fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
     let cap = tcptrace::pcap::read_file(file)?;
     let clock = Clock::epoch();
     let mut out = std::io::stdout().lock();

@@ -249,10 +249,7 @@ pub fn active_close_exchange(
     client_ns: Option<&str>,
     server: SocketAddr,
 ) -> Exchange {
-    let listener = {
-        let server = server;
-        in_netns(server_ns, move || TcpListener::bind(server).expect("bind"))
-    };
+    let listener = in_netns(server_ns, move || TcpListener::bind(server).expect("bind"));
     let srv = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         let mut buf = Vec::new();
