@@ -168,6 +168,8 @@ fn host_tests() -> Result<String> {
     c.args([
         "test",
         "--workspace",
+        "--exclude",
+        "tcptrace-ebpf",
         "--no-fail-fast",
         "--",
         "--test-threads=1",
