@@ -81,7 +81,8 @@ pub fn matrix(only: Option<&str>) -> Result<Vec<Kernel>> {
 /// Boots `k` with the real-kernel tests and returns "N passed, M failed".
 /// Errors when a test failed, the guest crashed or it outlived the timeout.
 pub fn run_tests(k: &Kernel) -> Result<String> {
-    which("qemu-system-x86_64").context("qemu-system-x86_64 is missing: run `cargo xtask bootstrap`")?;
+    which("qemu-system-x86_64")
+        .context("qemu-system-x86_64 is missing: run `cargo xtask bootstrap`")?;
     let payload = payload()?;
     if payload.tests.is_empty() {
         eprintln!("xtask: no tcptrace/tests/live_*.rs targets; the VM only checks that the kernel suits tcptrace");
@@ -95,8 +96,14 @@ pub fn run_tests(k: &Kernel) -> Result<String> {
         "xtask: vm {}: initramfs {} ({} MiB, modules: {}) in {:.1}s",
         k.label(),
         initrd.display(),
-        std::fs::metadata(&initrd).map(|m| m.len() >> 20).unwrap_or(0),
-        if modules.is_empty() { "none".to_string() } else { modules.join(" ") },
+        std::fs::metadata(&initrd)
+            .map(|m| m.len() >> 20)
+            .unwrap_or(0),
+        if modules.is_empty() {
+            "none".to_string()
+        } else {
+            modules.join(" ")
+        },
         started.elapsed().as_secs_f64()
     );
     qemu::run(k, &initrd, &dir.join("console.log"), timeout()?)
@@ -115,7 +122,10 @@ fn payload() -> Result<Payload> {
     let tests = match std::env::var_os("TCPTRACE_VM_TESTS") {
         Some(list) => std::env::split_paths(&list)
             .map(|p| {
-                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 (name, p)
             })
             .collect(),
@@ -142,18 +152,26 @@ struct Artifact {
 /// Runs `cargo ARGS --message-format=json` and lists the executables built.
 fn cargo_artifacts(args: &[&str]) -> Result<Vec<Artifact>> {
     let mut c = crate::cargo();
-    c.args(args).arg("--message-format=json").stderr(Stdio::inherit());
-    let shown = format!("{c:?}");
-    let out = c.output().with_context(|| format!("cannot start {shown}"))?;
+    // Diagnostics rendered by cargo on stderr, as in a plain build; only
+    // artifact messages on stdout.
+    c.args(args)
+        .arg("--message-format=json-render-diagnostics")
+        .stderr(Stdio::inherit());
+    let shown = format!("cargo {}", args.join(" "));
+    let out = c
+        .output()
+        .with_context(|| format!("cannot start {shown}"))?;
     if !out.status.success() {
-        bail!("{shown} failed ({})", out.status);
+        bail!("`{shown}` failed ({}); its errors are above", out.status);
     }
     let mut found = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         if !line.contains(r#""reason":"compiler-artifact""#) {
             continue;
         }
-        let Some(target) = line.find(r#""target":{"#).map(|i| &line[i..]) else { continue };
+        let Some(target) = line.find(r#""target":{"#).map(|i| &line[i..]) else {
+            continue;
+        };
         let (Some(kind), Some(name), Some(exe)) = (
             json_str(target, "kind\":["),
             json_str(target, "name\":"),
@@ -161,7 +179,11 @@ fn cargo_artifacts(args: &[&str]) -> Result<Vec<Artifact>> {
         ) else {
             continue;
         };
-        found.push(Artifact { kind, name, executable: PathBuf::from(exe) });
+        found.push(Artifact {
+            kind,
+            name,
+            executable: PathBuf::from(exe),
+        });
     }
     Ok(found)
 }
@@ -189,17 +211,18 @@ fn json_str(text: &str, key: &str) -> Option<String> {
 /// Where downloaded kernels, initramfs images and console logs live.
 fn vm_dir() -> PathBuf {
     let root = crate::workspace_root();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     root.join(target).join("vm")
 }
 
 fn timeout() -> Result<Duration> {
     match std::env::var("TCPTRACE_VM_TIMEOUT") {
         Ok(s) => {
-            let secs: u64 = s
-                .trim()
-                .parse()
-                .with_context(|| format!("TCPTRACE_VM_TIMEOUT={s:?}: expected a number of seconds"))?;
+            let secs: u64 = s.trim().parse().with_context(|| {
+                format!("TCPTRACE_VM_TIMEOUT={s:?}: expected a number of seconds")
+            })?;
             Ok(Duration::from_secs(secs))
         }
         Err(_) => Ok(Duration::from_secs(15 * 60)),
@@ -223,9 +246,16 @@ fn is_executable(p: &Path) -> bool {
 /// Runs `cmd` and returns its stdout; the error carries its stderr.
 fn output(mut cmd: Command) -> Result<Vec<u8>> {
     let shown = format!("{cmd:?}");
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot start {shown}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start {shown}"))?;
     if !out.status.success() {
-        bail!("{shown} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(out.stdout)
 }
@@ -240,13 +270,20 @@ mod tests {
         let target = &line[line.find(r#""target":{"#).unwrap()..];
         assert_eq!(json_str(target, "kind\":[").as_deref(), Some("test"));
         assert_eq!(json_str(target, "name\":").as_deref(), Some("live_states"));
-        assert_eq!(json_str(line, "executable\":").as_deref(), Some("/t/deps/live_states-1a2b"));
+        assert_eq!(
+            json_str(line, "executable\":").as_deref(),
+            Some("/t/deps/live_states-1a2b")
+        );
         assert_eq!(json_str(r#"{"executable":null}"#, "executable\":"), None);
     }
 
     #[test]
     fn short_label() {
-        let k = |l: &str| Kernel { label: l.into(), vmlinuz: PathBuf::new(), modules: None };
+        let k = |l: &str| Kernel {
+            label: l.into(),
+            vmlinuz: PathBuf::new(),
+            modules: None,
+        };
         assert_eq!(k("6.1.0-44-cloud-amd64").short(), "6.1");
         assert_eq!(k("6").short(), "6");
     }

@@ -36,9 +36,22 @@ pub(super) const MARK: &str = "@@tcptrace-vm";
 pub fn build(k: &Kernel, payload: &Payload, scratch: &Path, out: &Path) -> Result<Vec<String>> {
     let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut a = Archive::new(BufWriter::new(file));
-    for d in ["proc", "sys", "dev", "run", "tmp", "root", "tests", "lib/modules", "usr/bin", "usr/sbin"] {
+    for d in [
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "root",
+        "tests",
+        "lib/modules",
+        "usr/bin",
+        "usr/sbin",
+    ] {
         a.dir(d)?;
     }
+    // iproute2 and tcptrace name namespaces by /var/run/netns, as on the host.
+    a.symlink("var/run", "../run")?;
     // The kernel opens /dev/console for /init before anything mounts devtmpfs.
     a.node("dev/console", 0o020600, (5, 1))?;
 
@@ -49,7 +62,8 @@ pub fn build(k: &Kernel, payload: &Payload, scratch: &Path, out: &Path) -> Resul
         Some(dash) => a.elf("bin/sh", &dash)?,
         None => eprintln!("xtask: warning: no dash on the host; `sh -c` in the VM runs busybox applets, not the real tools"),
     }
-    let busybox = which("busybox").context("busybox is missing: run `cargo xtask bootstrap` (busybox-static)")?;
+    let busybox = which("busybox")
+        .context("busybox is missing: run `cargo xtask bootstrap` (busybox-static)")?;
     a.elf("bin/busybox", &busybox)?;
     let mut sh = Command::new(&busybox);
     sh.arg("--list");
@@ -63,7 +77,9 @@ pub fn build(k: &Kernel, payload: &Payload, scratch: &Path, out: &Path) -> Resul
 
     for tool in TOOLS {
         let Some(host) = which(tool) else {
-            eprintln!("xtask: warning: {tool} is not installed; tests that run it will fail in the VM");
+            eprintln!(
+                "xtask: warning: {tool} is not installed; tests that run it will fail in the VM"
+            );
             continue;
         };
         let real = host.canonicalize().unwrap_or(host);
@@ -76,31 +92,59 @@ pub fn build(k: &Kernel, payload: &Payload, scratch: &Path, out: &Path) -> Resul
     // tc's netem reads its delay distributions from here.
     a.tree(Path::new("/usr/lib/tc"), "usr/lib/tc")?;
 
-    a.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\ntcpdump:x:100:100::/nonexistent:/bin/false\n")?;
+    a.file(
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\ntcpdump:x:100:100::/nonexistent:/bin/false\n",
+    )?;
     a.file("etc/group", 0o644, b"root:x:0:\ntcpdump:x:100:\n")?;
-    a.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n")?;
-    a.file("etc/nsswitch.conf", 0o644, b"passwd: files\ngroup: files\nhosts: files\n")?;
+    a.file(
+        "etc/hosts",
+        0o644,
+        b"127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
+    )?;
+    a.file(
+        "etc/nsswitch.conf",
+        0o644,
+        b"passwd: files\ngroup: files\nhosts: files\n",
+    )?;
 
     let modules = match &k.modules {
         Some(dir) => modules(dir)?,
         None => Vec::new(),
     };
     for (name, path) in &modules {
-        a.file(&format!("lib/modules/{name}.ko"), 0o644, &read_module(path)?)?;
+        a.file(
+            &format!("lib/modules/{name}.ko"),
+            0o644,
+            &read_module(path)?,
+        )?;
     }
 
     let stage = scratch.join("stripped");
     std::fs::create_dir_all(&stage).with_context(|| format!("creating {}", stage.display()))?;
-    a.elf("usr/bin/tcptrace", &stripped(&payload.tcptrace, &stage.join("tcptrace"))?)?;
+    a.elf(
+        "usr/bin/tcptrace",
+        &stripped(&payload.tcptrace, &stage.join("tcptrace"))?,
+    )?;
     for (name, host) in &payload.tests {
-        a.elf(&format!("tests/{name}"), &stripped(host, &stage.join(name))?)?;
+        a.elf(
+            &format!("tests/{name}"),
+            &stripped(host, &stage.join(name))?,
+        )?;
     }
     // cargo runs test executables in their package directory; fixtures read
     // relative to it (or to CARGO_MANIFEST_DIR) then work the same here.
     let pkg_dir = crate::workspace_root().join("tcptrace");
-    let pkg_guest = pkg_dir.to_string_lossy().trim_start_matches('/').to_string();
+    let pkg_guest = pkg_dir
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .to_string();
     a.dir(&pkg_guest)?;
-    a.tree(&pkg_dir.join("tests/fixtures"), &format!("{pkg_guest}/tests/fixtures"))?;
+    a.tree(
+        &pkg_dir.join("tests/fixtures"),
+        &format!("{pkg_guest}/tests/fixtures"),
+    )?;
 
     let names: Vec<String> = modules.into_iter().map(|(n, _)| n).collect();
     a.file("init", 0o755, init_script(&names, &pkg_dir).as_bytes())?;
@@ -109,6 +153,13 @@ pub fn build(k: &Kernel, payload: &Payload, scratch: &Path, out: &Path) -> Resul
 }
 
 fn init_script(modules: &[String], pkg_dir: &Path) -> String {
+    // The root is already a writable tmpfs; a fresh mount on /run or /tmp
+    // would only hide the package directory of a checkout that lives there.
+    let scratch: Vec<String> = [("/run", "0755"), ("/tmp", "1777")]
+        .iter()
+        .filter(|(dir, _)| !pkg_dir.starts_with(dir))
+        .map(|(dir, mode)| format!("mount -t tmpfs -o mode={mode} tmpfs {dir}"))
+        .collect();
     format!(
         r#"#!/bin/sh
 # PID 1 of the test VM, written by xtask/src/vm/initramfs.rs. It must end in
@@ -119,8 +170,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/shm /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+{scratch}
 mount -t tracefs tracefs /sys/kernel/tracing
 mount -t debugfs debugfs /sys/kernel/debug
 mount -t bpf bpffs /sys/fs/bpf
@@ -140,8 +190,8 @@ echo "{MARK} kernel $(uname -r), $(nproc) cpus, $(sed -n 's/MemTotal: *//p' /pro
 
 if [ $status = 0 ]; then
     export TCPTRACE_BIN=/usr/bin/tcptrace TCPTRACE_IN_VM=1 RUST_BACKTRACE=1
-    export HOME=/root TMPDIR=/tmp CARGO_MANIFEST_DIR={pkg}
-    cd {pkg}
+    export HOME=/root TMPDIR=/tmp CARGO_MANIFEST_DIR="{pkg}"
+    cd "{pkg}" || fail "cd {pkg}"
     for t in /tests/*; do
         [ -x "$t" ] || continue
         n=${{t##*/}}
@@ -159,6 +209,7 @@ echo o > /proc/sysrq-trigger
 "#,
         modules = modules.join(" "),
         pkg = pkg_dir.display(),
+        scratch = scratch.join("\n"),
     )
 }
 
@@ -176,7 +227,9 @@ fn modules(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
             continue;
         }
         let Some(builtin) = &builtin else { continue };
-        let is_builtin = builtin.lines().any(|l| module_name(l).as_deref() == Some(name));
+        let is_builtin = builtin
+            .lines()
+            .any(|l| module_name(l).as_deref() == Some(name));
         if required && !is_builtin {
             bail!("the kernel in {} has no {name}, neither as a module nor built in; tcptrace's tests need it", dir.display());
         }
@@ -194,7 +247,9 @@ fn visit(
         return Ok(());
     }
     // Not in the index: built in, which modules.builtin would confirm.
-    let Some(path) = index.get(name) else { return Ok(()) };
+    let Some(path) = index.get(name) else {
+        return Ok(());
+    };
     for dep in depends(&read_module(path)?) {
         visit(&dep, index, seen, order)?;
     }
@@ -217,7 +272,10 @@ fn index_modules(dir: &Path, index: &mut BTreeMap<String, PathBuf>) -> Result<()
 /// `veth` out of `…/veth.ko.xz`; the kernel spells module names with `_`.
 fn module_name(path: &str) -> Option<String> {
     let file = path.rsplit('/').next()?;
-    let stem = file.split_once(".ko").filter(|(_, ext)| ext.is_empty() || ext.starts_with('.'))?.0;
+    let stem = file
+        .split_once(".ko")
+        .filter(|(_, ext)| ext.is_empty() || ext.starts_with('.'))?
+        .0;
     Some(stem.replace('-', "_"))
 }
 
@@ -233,8 +291,15 @@ fn depends(ko: &[u8]) -> Vec<String> {
         }
     }
     let Some(start) = at else { return Vec::new() };
-    let end = ko[start..].iter().position(|&b| b == 0).map_or(ko.len(), |n| start + n);
-    String::from_utf8_lossy(&ko[start..end]).split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()
+    let end = ko[start..]
+        .iter()
+        .position(|&b| b == 0)
+        .map_or(ko.len(), |n| start + n);
+    String::from_utf8_lossy(&ko[start..end])
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// The module as insmod takes it: busybox's insmod cannot decompress, so
@@ -255,7 +320,9 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
 /// MiB of it, all of which the guest would hold in RAM. Symbols stay, so
 /// backtraces still name functions.
 fn stripped(host: &Path, to: &Path) -> Result<PathBuf> {
-    let Some(strip) = which("strip") else { return Ok(host.to_path_buf()) };
+    let Some(strip) = which("strip") else {
+        return Ok(host.to_path_buf());
+    };
     let mut c = Command::new(strip);
     c.arg("--strip-debug").arg("-o").arg(to).arg(host);
     output(c).with_context(|| format!("stripping {}", host.display()))?;
@@ -265,7 +332,10 @@ fn stripped(host: &Path, to: &Path) -> Result<PathBuf> {
 /// The shared libraries `ldd` says `elf` loads, the dynamic loader included,
 /// by the paths the loader will look for them at.
 fn libraries(elf: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new("ldd").arg(elf).output().context("cannot run ldd (libc-bin)")?;
+    let out = Command::new("ldd")
+        .arg(elf)
+        .output()
+        .context("cannot run ldd (libc-bin)")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         // Static executables (busybox-static) have nothing to copy.
@@ -274,7 +344,11 @@ fn libraries(elf: &Path) -> Result<Vec<PathBuf>> {
         {
             return Ok(Vec::new());
         }
-        bail!("ldd {} failed: {}", elf.display(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ldd {} failed: {}",
+            elf.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let mut libs = Vec::new();
     for line in text.lines() {
@@ -304,11 +378,29 @@ struct Archive<W: Write> {
 
 impl<W: Write> Archive<W> {
     fn new(w: W) -> Self {
-        Archive { w, ino: 1, written: HashSet::new() }
+        Archive {
+            w,
+            ino: 1,
+            written: HashSet::new(),
+        }
     }
 
     fn header(&mut self, name: &str, mode: u32, size: usize, rdev: (u32, u32)) -> Result<()> {
-        let fields = [self.ino, mode, 0, 0, 1, 0, size as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            size as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
         self.ino += 1;
         let mut h = String::from("070701");
         for f in fields {
@@ -351,7 +443,8 @@ impl<W: Write> Archive<W> {
 
     fn host_file(&mut self, path: &str, mode: u32, host: &Path) -> Result<()> {
         if !self.written.contains(path) {
-            let data = std::fs::read(host).with_context(|| format!("reading {}", host.display()))?;
+            let data =
+                std::fs::read(host).with_context(|| format!("reading {}", host.display()))?;
             self.file(path, mode, &data)?;
         }
         Ok(())
@@ -384,7 +477,9 @@ impl<W: Write> Archive<W> {
 
     /// Regular files under `host` (if it exists), at `guest`.
     fn tree(&mut self, host: &Path, guest: &str) -> Result<()> {
-        let Ok(entries) = std::fs::read_dir(host) else { return Ok(()) };
+        let Ok(entries) = std::fs::read_dir(host) else {
+            return Ok(());
+        };
         for entry in entries {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -411,18 +506,24 @@ mod tests {
 
     #[test]
     fn module_names() {
-        assert_eq!(module_name("kernel/drivers/net/veth.ko").as_deref(), Some("veth"));
-        assert_eq!(module_name("/m/sch-ingress.ko.xz").as_deref(), Some("sch_ingress"));
+        assert_eq!(
+            module_name("kernel/drivers/net/veth.ko").as_deref(),
+            Some("veth")
+        );
+        assert_eq!(
+            module_name("/m/sch-ingress.ko.xz").as_deref(),
+            Some("sch_ingress")
+        );
         assert_eq!(module_name("/m/modules.order"), None);
         assert_eq!(module_name("/m/foo.kobj"), None);
     }
 
     #[test]
     fn modinfo_depends() {
-        assert_eq!(depends(b"\x7fELF..\0license=GPL\0depends=libcrc32c,nf_conntrack\0name=x\0"), [
-            "libcrc32c",
-            "nf_conntrack"
-        ]);
+        assert_eq!(
+            depends(b"\x7fELF..\0license=GPL\0depends=libcrc32c,nf_conntrack\0name=x\0"),
+            ["libcrc32c", "nf_conntrack"]
+        );
         assert!(depends(b"\0depends=\0name=veth\0").is_empty());
     }
 

@@ -16,8 +16,13 @@ pub fn resolve(spec: &str) -> Result<Kernel> {
 }
 
 fn from_vmlinuz(path: &Path) -> Result<Kernel> {
-    let vmlinuz = path.canonicalize().with_context(|| format!("no kernel image at {}", path.display()))?;
-    let file_name = vmlinuz.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let vmlinuz = path
+        .canonicalize()
+        .with_context(|| format!("no kernel image at {}", path.display()))?;
+    let file_name = vmlinuz
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let release = bzimage_release(&vmlinuz)
         .or_else(|| file_name.strip_prefix("vmlinuz-").map(str::to_string))
         .unwrap_or(file_name);
@@ -30,7 +35,10 @@ fn from_vmlinuz(path: &Path) -> Result<Kernel> {
             Some(dir)
         }
         // The layout of an unpacked kernel package or `make install INSTALL_PATH=… INSTALL_MOD_PATH=…`.
-        None => vmlinuz.parent().and_then(Path::parent).and_then(|root| modules_dir(root, &release)),
+        None => vmlinuz
+            .parent()
+            .and_then(Path::parent)
+            .and_then(|root| modules_dir(root, &release)),
     };
     if modules.is_none() {
         eprintln!(
@@ -38,7 +46,11 @@ fn from_vmlinuz(path: &Path) -> Result<Kernel> {
             vmlinuz.display()
         );
     }
-    Ok(Kernel { label: release, vmlinuz, modules })
+    Ok(Kernel {
+        label: release,
+        vmlinuz,
+        modules,
+    })
 }
 
 fn from_package(name: &str) -> Result<Kernel> {
@@ -53,7 +65,9 @@ fn from_package(name: &str) -> Result<Kernel> {
             let mut update = Command::new("apt-get");
             update.args(["update", "-qq"]);
             output(update).map_err(|e| {
-                first.context(format!("and `apt-get update` failed too ({e:#}); run `sudo apt-get update` and retry"))
+                first.context(format!(
+                    "and `apt-get update` failed too ({e:#}); run `sudo apt-get update` and retry"
+                ))
             })?;
             fetch(name, &dir)?
         }
@@ -63,7 +77,8 @@ fn from_package(name: &str) -> Result<Kernel> {
     if !stamp.exists() {
         // A partly unpacked tree (interrupted run) must not be mistaken for a whole one.
         if root.exists() {
-            std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+            std::fs::remove_dir_all(&root)
+                .with_context(|| format!("removing {}", root.display()))?;
         }
         let mut x = Command::new("dpkg-deb");
         x.arg("-x").arg(&deb).arg(&root);
@@ -74,7 +89,10 @@ fn from_package(name: &str) -> Result<Kernel> {
     let vmlinuz = std::fs::read_dir(&boot)
         .with_context(|| format!("{pkg} has no /boot"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
         .with_context(|| format!("{pkg} has no /boot/vmlinuz-*: is it a kernel image package?"))?;
     let release = vmlinuz
         .file_name()
@@ -83,7 +101,11 @@ fn from_package(name: &str) -> Result<Kernel> {
         .map(str::to_string)
         .context("vmlinuz file name is not UTF-8")?;
     let modules = modules_dir(&root, &release);
-    Ok(Kernel { label: release, vmlinuz, modules })
+    Ok(Kernel {
+        label: release,
+        vmlinuz,
+        modules,
+    })
 }
 
 /// Resolves a metapackage to the package that holds the kernel, and makes
@@ -94,12 +116,15 @@ fn fetch(name: &str, dir: &Path) -> Result<(String, String, PathBuf)> {
     // apt-get download names files pkg_version_arch.deb with ':' (epochs) escaped.
     let prefix = format!("{pkg}_{}_", version.replace(':', "%3a"));
     let cached = |dir: &Path| -> Option<PathBuf> {
-        std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
-            p.file_name().is_some_and(|n| {
-                let n = n.to_string_lossy();
-                n.starts_with(&prefix) && n.ends_with(".deb")
+        std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                p.file_name().is_some_and(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with(&prefix) && n.ends_with(".deb")
+                })
             })
-        })
     };
     if let Some(deb) = cached(dir) {
         return Ok((pkg, version, deb));
@@ -114,7 +139,12 @@ fn fetch(name: &str, dir: &Path) -> Result<(String, String, PathBuf)> {
     }
     dl.arg(format!("{pkg}={version}"));
     output(dl).with_context(|| format!("downloading {pkg} {version}"))?;
-    let deb = cached(dir).with_context(|| format!("apt-get download left no {prefix}*.deb in {}", dir.display()))?;
+    let deb = cached(dir).with_context(|| {
+        format!(
+            "apt-get download left no {prefix}*.deb in {}",
+            dir.display()
+        )
+    })?;
     Ok((pkg, version, deb))
 }
 
@@ -124,8 +154,15 @@ fn real_package(name: &str) -> Result<String> {
     let mut pkg = name.to_string();
     for _ in 0..4 {
         let mut c = Command::new("apt-cache");
-        c.args(["depends", "--no-recommends", "--no-suggests", "--no-conflicts", "--no-breaks", "--no-replaces"])
-            .args(["--no-enhances", &pkg]);
+        c.args([
+            "depends",
+            "--no-recommends",
+            "--no-suggests",
+            "--no-conflicts",
+            "--no-breaks",
+            "--no-replaces",
+        ])
+        .args(["--no-enhances", &pkg]);
         let out = output(c).with_context(|| {
             format!("apt-cache knows no package {pkg} (this needs Debian's apt sources; or pass a vmlinuz path)")
         })?;
@@ -155,7 +192,10 @@ fn candidate(pkg: &str) -> Result<String> {
 }
 
 fn modules_dir(root: &Path, release: &str) -> Option<PathBuf> {
-    ["lib/modules", "usr/lib/modules"].iter().map(|d| root.join(d).join(release)).find(|d| d.is_dir())
+    ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|d| root.join(d).join(release))
+        .find(|d| d.is_dir())
 }
 
 /// The release string a bzImage carries in its setup header (the
@@ -176,7 +216,10 @@ fn bzimage_release(path: &Path) -> Option<String> {
     }
     let s = head.get(ptr + 0x200..)?;
     let end = s.iter().position(|&b| b == 0 || b == b' ')?;
-    std::str::from_utf8(&s[..end]).ok().filter(|v| !v.is_empty()).map(str::to_string)
+    std::str::from_utf8(&s[..end])
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
 }
 
 fn is_root() -> bool {

@@ -17,31 +17,58 @@ const TAIL: usize = 40;
 
 pub fn run(k: &Kernel, initrd: &Path, log: &Path, timeout: Duration) -> Result<String> {
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "2G"])
-        // No default NIC, VGA, floppy or monitor: less to emulate, nothing on stdio but the console.
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
-        .arg("-kernel")
-        .arg(&k.vmlinuz)
-        .arg("-initrd")
-        .arg(initrd)
-        // panic=-1 turns a panic into a reboot, which -no-reboot turns into
-        // an exit; loglevel=5 keeps kernel warnings but not the boot chatter;
-        // mitigations only slow the emulation down.
-        .args(["-append", "console=ttyS0 panic=-1 loglevel=5 mitigations=off rdinit=/init"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    qemu.args([
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+        "-smp",
+        "2",
+        "-m",
+        "2G",
+    ])
+    // No default NIC, VGA, floppy or monitor: less to emulate, nothing on stdio but the console.
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(&k.vmlinuz)
+    .arg("-initrd")
+    .arg(initrd)
+    // panic=-1 turns a panic into a reboot, which -no-reboot turns into
+    // an exit; loglevel=5 keeps kernel warnings but not the boot chatter;
+    // mitigations only slow the emulation down.
+    .args([
+        "-append",
+        "console=ttyS0 panic=-1 loglevel=5 mitigations=off rdinit=/init",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let shown = format!("{qemu:?}");
     let started = Instant::now();
-    let mut child = qemu.spawn().with_context(|| format!("cannot start {shown}"))?;
+    let mut child = qemu
+        .spawn()
+        .with_context(|| format!("cannot start {shown}"))?;
 
     let (tx, rx) = mpsc::channel::<String>();
     let mut stdout = child.stdout.take().context("qemu stdout")?;
     std::thread::spawn(move || {
         let mut r = BufReader::new(&mut stdout);
         let mut buf = Vec::new();
+        // A partial last line is sent too: libtest prints `test NAME ... `
+        // before running a test and the rest after, so in a hung guest it
+        // names the culprit.
         while r.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
-            let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+            let line = String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\r', '\n'])
+                .to_string();
             buf.clear();
             if tx.send(line).is_err() {
                 break;
@@ -64,13 +91,22 @@ pub fn run(k: &Kernel, initrd: &Path, log: &Path, timeout: Duration) -> Result<S
     let mut all = String::new();
     let mut booted = None;
     let mut timed_out = false;
+    let mut killed_at: Option<Instant> = None;
+    let mut done_at: Option<Instant> = None;
     loop {
-        let Some(left) = timeout.checked_sub(started.elapsed()) else {
-            timed_out = true;
-            break;
+        let left = match (killed_at, done_at) {
+            // After the kill, only the lines still in the pipe.
+            (Some(at), _) => Duration::from_secs(2).saturating_sub(at.elapsed()),
+            // The results are in; a guest that fails to power off costs
+            // half a minute, not the whole timeout.
+            (None, Some(at)) => Duration::from_secs(30).saturating_sub(at.elapsed()),
+            (None, None) => timeout.saturating_sub(started.elapsed()),
         };
         match rx.recv_timeout(left) {
             Ok(line) => {
+                if done_at.is_none() && line.contains(&format!("{MARK} done ")) {
+                    done_at = Some(Instant::now());
+                }
                 let _ = writeln!(out, "{prefix}{line}");
                 let _ = writeln!(log, "{line}");
                 if booted.is_none() && line.contains(MARK) {
@@ -83,15 +119,19 @@ pub fn run(k: &Kernel, initrd: &Path, log: &Path, timeout: Duration) -> Result<S
                 all.push_str(&line);
                 all.push('\n');
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                timed_out = true;
-                break;
+            Err(mpsc::RecvTimeoutError::Timeout) if killed_at.is_none() => {
+                match done_at {
+                    Some(_) => eprintln!(
+                        "xtask: vm {}: the guest did not power off; killing it",
+                        k.label()
+                    ),
+                    None => timed_out = true,
+                }
+                killed_at = Some(Instant::now());
+                let _ = child.kill();
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(_) => break,
         }
-    }
-    if timed_out {
-        let _ = child.kill();
     }
     let exit = child.wait().context("waiting for qemu")?;
     let _ = log.flush();
@@ -101,7 +141,9 @@ pub fn run(k: &Kernel, initrd: &Path, log: &Path, timeout: Duration) -> Result<S
         "xtask: vm {}: guest ran {:.1}s{}",
         k.label(),
         elapsed.as_secs_f64(),
-        booted.map(|b| format!(" (userspace up after {:.1}s)", b.as_secs_f64())).unwrap_or_default()
+        booted
+            .map(|b| format!(" (userspace up after {:.1}s)", b.as_secs_f64()))
+            .unwrap_or_default()
     );
 
     let outcome = Outcome::parse(&all);
@@ -110,8 +152,13 @@ pub fn run(k: &Kernel, initrd: &Path, log: &Path, timeout: Duration) -> Result<S
     let tail: Vec<String> = tail.into_iter().collect();
     let tail = tail.join("\n");
     let why = if timed_out {
+        let during = outcome
+            .unfinished
+            .as_deref()
+            .map(|t| format!(" in {t}"))
+            .unwrap_or_default();
         Some(format!(
-            "the guest was still running after {}s and was killed (TCPTRACE_VM_TIMEOUT raises the limit)",
+            "the guest was still running{during} after {}s and was killed (TCPTRACE_VM_TIMEOUT raises the limit)",
             timeout.as_secs()
         ))
     } else if outcome.done.is_none() {
@@ -122,14 +169,21 @@ pub fn run(k: &Kernel, initrd: &Path, log: &Path, timeout: Duration) -> Result<S
             format!("qemu {exit}: {qemu_err}")
         })
     } else if !outcome.preflight.is_empty() {
-        Some(format!("the kernel does not suit the tests: {}", outcome.preflight.join("; ")))
+        Some(format!(
+            "the kernel does not suit the tests: {}",
+            outcome.preflight.join("; ")
+        ))
     } else if !outcome.failed_bins.is_empty() || outcome.done != Some(0) {
-        let bins: Vec<String> = outcome.failed_bins.iter().map(|(n, rc)| format!("{n} exited {rc}")).collect();
+        let bins: Vec<String> = outcome
+            .failed_bins
+            .iter()
+            .map(|(n, rc)| format!("{n} exited {rc}"))
+            .collect();
         Some(bins.join(", "))
-    } else if let Some(bin) = outcome.unfinished {
-        Some(format!("{bin} never finished"))
     } else {
-        None
+        outcome
+            .unfinished
+            .map(|bin| format!("{bin} never finished"))
     };
     match why {
         Some(why) => bail!("{counts}: {why}\nlast console lines:\n{tail}"),
