@@ -527,22 +527,21 @@ fn try_segment(ctx: &TcContext, dir: u8, l2_len: usize) -> Result<(), i64> {
                 (*ev).saddr = saddr;
                 (*ev).daddr = daddr;
                 (*ev).options = [0; TCP_OPTIONS_MAX];
-                // Bounded for the verifier: 1..=40 bytes straight into the record.
-                // The volatile read keeps LLVM from dropping the mask the
-                // verifier needs to see (it knows doff <= 60; the verifier does not).
-                let n = core::ptr::read_volatile(&opt_len) & 0x3f;
-                if n > 0 && n <= TCP_OPTIONS_MAX as u32 {
-                    let dst = core::ptr::addr_of_mut!((*ev).options) as *mut core::ffi::c_void;
-                    if aya_ebpf::helpers::generated::bpf_skb_load_bytes(
-                        ctx.skb.skb as *const _,
-                        (l4 + 20) as u32,
-                        dst,
-                        n,
-                    ) == 0
-                    {
-                        (*ev).opt_len = n as u8;
+                // Options come in whole 32-bit words (data offset counts
+                // words). Copying one word per fixed-size load keeps every
+                // length a constant, which every verifier (6.1 included)
+                // accepts; a variable-length load is not tracked well enough.
+                let words = opt_len as usize / 4;
+                let dst = core::ptr::addr_of_mut!((*ev).options) as *mut [u8; 4];
+                let mut i = 0;
+                while i < TCP_OPTIONS_MAX / 4 && i < words {
+                    match ctx.load::<[u8; 4]>(l4 + 20 + i * 4) {
+                        Ok(w) => core::ptr::write_unaligned(dst.add(i), w),
+                        Err(_) => break,
                     }
+                    i += 1;
                 }
+                (*ev).opt_len = (i * 4) as u8;
             }
             entry.submit(0);
         }

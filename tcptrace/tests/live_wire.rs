@@ -55,7 +55,8 @@ impl Tcpdump {
     }
 
     fn stop(mut self) -> Vec<Segment> {
-        std::thread::sleep(Duration::from_millis(200));
+        // Give tcpdump time to write the last packets under load.
+        std::thread::sleep(Duration::from_millis(500));
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         self.child.wait().unwrap();
