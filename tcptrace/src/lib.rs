@@ -13,6 +13,7 @@
 pub mod bpf;
 pub mod btf;
 pub mod decode;
+pub mod demo;
 pub mod event;
 pub mod matcher;
 pub mod netns;

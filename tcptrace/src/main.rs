@@ -1,16 +1,19 @@
 //! The `tcptrace` command line.
+use std::future::Future;
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use tcptrace::bpf::{TraceConfig, Tracer};
+use tcptrace::demo;
 use tcptrace::event::Event;
-use tcptrace::matcher::{Matcher, MatcherConfig};
+use tcptrace::matcher::{Connection, Matcher, MatcherConfig};
 use tcptrace::reader::{self, ReaderStats};
 use tcptrace::render::{self, Clock, Mode};
 use tcptrace_common::{Filter, AF_INET, AF_INET6, MAX_PORTS};
@@ -49,6 +52,24 @@ enum Cmd {
     /// Remove TC filters and qdiscs that a killed tcptrace left behind (only
     /// kernels before 6.6, which lack TCX links, can have any).
     Cleanup,
+    /// The seed scenario, traced: two network namespaces joined by a veth
+    /// pair (client 192.168.131.132, server 192.168.131.138), an HTTP server
+    /// in one serving /file_64KB, N downloads from the other, each its own
+    /// connection; then a summary. Removes everything it made on exit
+    /// (Ctrl-C included). Needs root.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Downloads, one connection each.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
+    /// HTTP client [default: wget, else curl, else built-in].
+    #[arg(long, value_enum)]
+    client: Option<demo::Client>,
+    #[command(flatten)]
+    out: OutputArgs,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -107,6 +128,10 @@ fn main() {
     let res = match cli.cmd {
         Some(Cmd::Pcap { file, out }) => pcap(&file, merge(cli.out, out)),
         Some(Cmd::Cleanup) => cleanup(),
+        Some(Cmd::Demo(d)) => {
+            let m = merge(cli.out, d.out);
+            demo(d, m)
+        }
         None => live(cli.live, mode(cli.out)),
     };
     match res {
@@ -221,18 +246,91 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
         ifaces: a.ifaces.clone(),
         netns: a.netns.clone(),
     };
-    let mut tracer = Tracer::start(&cfg)?;
+    let rt = runtime()?;
+    let signals = Signals::new(&rt)?;
+    let tracer = Tracer::start(&cfg)?;
+    let run = Run {
+        mode,
+        stop: Stop {
+            after: a.duration.map(|d| Duration::from_secs_f64(d.max(0.0))),
+            events: a.count,
+            ..Stop::default()
+        },
+        keep: &|_| true,
+        on_connection: &mut |_| {},
+        always_match: false,
+        stopped: None,
+    };
+    trace(rt, signals, tracer, run)?;
+    Ok(0)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Ctrl-C and SIGTERM, caught from the moment this exists: they end the run
+/// (and let the demo remove what it made) instead of killing the process.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new(rt: &tokio::runtime::Runtime) -> Result<Signals> {
+        let _g = rt.enter();
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+}
+
+/// What ends a live run, besides Ctrl-C, SIGTERM and the rings closing.
+#[derive(Default)]
+struct Stop {
+    after: Option<Duration>,
+    /// Events (state changes and segments, after `Run::keep`).
+    events: Option<u64>,
+    /// Connections the matcher emitted.
+    connections: Option<u64>,
+    /// Resolves when the run should end.
+    when: Option<Pin<Box<dyn Future<Output = ()>>>>,
+}
+
+struct Run<'a> {
+    mode: Mode,
+    stop: Stop,
+    /// Which events to use; the others are dropped before output and matching.
+    keep: &'a dyn Fn(&Event) -> bool,
+    /// Sees every connection the matcher emits, after it is printed.
+    on_connection: &'a mut dyn FnMut(&Connection),
+    /// Match connections in --events mode too (to count them).
+    always_match: bool,
+    /// Set as soon as the run stops, before the remaining events are drained
+    /// and the programs detached.
+    stopped: Option<&'a AtomicBool>,
+}
+
+/// Drives the live pipeline: ring readers → matcher → output, until `run.stop`.
+/// Detaches everything (in the right namespaces) before it returns.
+fn trace(
+    rt: tokio::runtime::Runtime,
+    mut signals: Signals,
+    mut tracer: Tracer,
+    run: Run,
+) -> Result<()> {
     let rings = tracer.take_rings()?;
     let loggers = std::mem::take(&mut tracer.loggers);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let res = rt.block_on(async {
         for l in loggers {
             tokio::spawn(reader::forward_logs(l));
         }
-        run_live(&tracer, rings, &a, mode).await
+        run_live(&tracer, rings, &mut signals, run).await
     });
+    drop(signals);
     drop(rt);
     drop(tracer); // detaches everything, in the right namespaces
     res
@@ -241,9 +339,18 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
 async fn run_live(
     tracer: &Tracer,
     rings: Vec<aya::maps::RingBuf<aya::maps::MapData>>,
-    a: &LiveArgs,
-    mode: Mode,
-) -> Result<i32> {
+    signals: &mut Signals,
+    run: Run<'_>,
+) -> Result<()> {
+    let Run {
+        mode,
+        mut stop,
+        keep,
+        on_connection,
+        always_match,
+        stopped,
+    } = run;
+    let matching = mode != Mode::Events || always_match;
     let clock = Clock::monotonic();
     let names = Arc::new(tracer.iface_names.clone());
     let stats = Arc::new(ReaderStats::default());
@@ -257,16 +364,24 @@ async fn run_live(
         ));
     }
     drop(tx);
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let deadline = a
-        .duration
-        .map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d.max(0.0)));
+    let deadline = stop.after.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut matcher = Matcher::new(MatcherConfig::default());
     let mut out = std::io::BufWriter::new(std::io::stdout());
     let mut events: u64 = 0;
+    let connections = std::cell::Cell::new(0u64);
     let mut lost_reported = 0;
+    let mut emit = |out: &mut dyn Write, c: &Connection| -> std::io::Result<()> {
+        connections.set(connections.get() + 1);
+        render::connection(out, mode, c)?;
+        on_connection(c);
+        Ok(())
+    };
+    // Each namespace has its own ring, so a segment can arrive after the
+    // state change it caused; the matcher gets events in time order.
+    let mut order = Reorder::default();
+    let mut flush = tokio::time::interval(REORDER_NS / 2);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Always on stderr, JSON mode included: scripts wait for it to know the
     // programs are attached.
     eprintln!(
@@ -281,24 +396,31 @@ async fn run_live(
         tokio::select! {
             batch = rx.recv() => {
                 let Some(batch) = batch else { break 'run };
-                for ev in &batch {
+                for ev in batch.into_iter().filter(|e| keep(e)) {
                     events += 1;
-                    emit_event(&mut out, mode, ev, &clock)?;
-                    if mode != Mode::Events {
-                        for c in matcher.push(ev) {
-                            render::connection(&mut out, mode, &c)?;
-                        }
+                    emit_event(&mut out, mode, &ev, &clock)?;
+                    if matching {
+                        order.push(ev);
                     }
-                    if a.count.is_some_and(|n| events >= n) {
+                    if stop.events.is_some_and(|n| events >= n) {
                         break 'run;
                     }
                 }
                 out.flush()?;
             }
+            _ = flush.tick(), if matching && !order.is_empty() => {
+                for ev in order.take_older(monotonic_ns().saturating_sub(REORDER_NS.as_nanos() as u64)) {
+                    for c in matcher.push(&ev) {
+                        emit(&mut out, &c)?;
+                    }
+                }
+                out.flush()?;
+            }
             _ = tick.tick() => {
-                let now = monotonic_ns();
-                for c in matcher.tick(now) {
-                    render::connection(&mut out, mode, &c)?;
+                if matching {
+                    for c in matcher.tick(monotonic_ns().saturating_sub(REORDER_NS.as_nanos() as u64)) {
+                        emit(&mut out, &c)?;
+                    }
                 }
                 out.flush()?;
                 let lost = tracer.lost();
@@ -308,28 +430,45 @@ async fn run_live(
                 }
             }
             _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => break 'run,
-            _ = sigint.recv() => break 'run,
-            _ = sigterm.recv() => break 'run,
-        }
-    }
-    // Events already in the channel still count toward the summary.
-    while let Ok(batch) = rx.try_recv() {
-        if a.count.is_some_and(|n| events >= n) {
-            break;
-        }
-        for ev in &batch {
-            events += 1;
-            emit_event(&mut out, mode, ev, &clock)?;
-            if mode != Mode::Events {
-                for c in matcher.push(ev) {
-                    render::connection(&mut out, mode, &c)?;
+            _ = async {
+                match stop.when.as_mut() {
+                    Some(f) => f.as_mut().await,
+                    None => std::future::pending().await,
                 }
+            } => break 'run,
+            _ = signals.int.recv() => break 'run,
+            _ = signals.term.recv() => break 'run,
+        }
+        if let Some(n) = stop.connections {
+            if connections.get() >= n {
+                break 'run;
             }
         }
     }
-    if mode != Mode::Events {
+    if let Some(f) = stopped {
+        f.store(true, Ordering::SeqCst);
+    }
+    // Events already in the channel still count toward the summary.
+    while let Ok(batch) = rx.try_recv() {
+        if stop.events.is_some_and(|n| events >= n) {
+            break;
+        }
+        for ev in batch.into_iter().filter(|e| keep(e)) {
+            events += 1;
+            emit_event(&mut out, mode, &ev, &clock)?;
+            if matching {
+                order.push(ev);
+            }
+        }
+    }
+    if matching {
+        for ev in order.take_older(u64::MAX) {
+            for c in matcher.push(&ev) {
+                emit(&mut out, &c)?;
+            }
+        }
         for c in matcher.finish() {
-            render::connection(&mut out, mode, &c)?;
+            emit(&mut out, &c)?;
         }
     }
     let lost = tracer.lost();
@@ -350,6 +489,121 @@ async fn run_live(
             String::new()
         }
     );
+    Ok(())
+}
+
+/// How long events wait before they go to the matcher, so that those from
+/// other rings can be put before them.
+const REORDER_NS: Duration = Duration::from_millis(40);
+
+/// Events by (timestamp, arrival).
+#[derive(Default)]
+struct Reorder {
+    held: std::collections::BTreeMap<(u64, u64), Event>,
+    seq: u64,
+}
+
+impl Reorder {
+    fn push(&mut self, ev: Event) {
+        self.seq += 1;
+        self.held.insert((ev.ts_ns(), self.seq), ev);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// The events at or before `ts_ns`, oldest first.
+    fn take_older(&mut self, ts_ns: u64) -> Vec<Event> {
+        let rest = match ts_ns.checked_add(1) {
+            Some(t) => self.held.split_off(&(t, 0)),
+            None => Default::default(),
+        };
+        std::mem::replace(&mut self.held, rest)
+            .into_values()
+            .collect()
+    }
+}
+
+/// `tcptrace demo`: see [`tcptrace::demo`].
+fn demo(a: DemoArgs, mode: Mode) -> Result<i32> {
+    // Say what is missing before creating anything.
+    demo::preflight()?;
+    let started = Instant::now();
+    let client = a.client.unwrap_or_else(demo::Client::pick);
+    // Catch Ctrl-C before the namespaces exist, so that it always ends in
+    // their removal (Net's Drop) rather than the process dying with them.
+    let rt = runtime()?;
+    let signals = Signals::new(&rt)?;
+    let net = demo::Net::create()?;
+    let server = demo::Server::start(&net)?;
+    let tracer = Tracer::start(&net.trace_config())?;
+    let say = |s: String| {
+        if mode == Mode::Json {
+            eprintln!("tcptrace: {s}")
+        } else {
+            println!("{s}")
+        }
+    };
+    say(format!(
+        "demo: client {} in namespace {}, server {}:{} in namespace {} ({} ↔ {}); {} × GET {} with {}\n",
+        demo::CLIENT_ADDR,
+        net.client_ns,
+        demo::SERVER_ADDR,
+        demo::PORT,
+        net.server_ns,
+        demo::CLIENT_IF,
+        demo::SERVER_IF,
+        a.rounds,
+        demo::FILE_PATH,
+        client.name()
+    ));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let downloads = demo::download(&net, client, a.rounds, stopping.clone(), move || {
+        let _ = done_tx.send(());
+    })?;
+    let mut summary = demo::Summary::default();
+    let run = Run {
+        mode,
+        stop: Stop {
+            connections: Some(u64::from(a.rounds)),
+            // After the last download, the matcher needs its linger time
+            // (500 ms) and a tick to emit the last connection.
+            when: Some(Box::pin(async move {
+                let _ = done_rx.await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            })),
+            ..Stop::default()
+        },
+        keep: &|ev| net.owns(ev),
+        on_connection: &mut |c| summary.add(c),
+        always_match: true,
+        stopped: Some(&stopping),
+    };
+    let res = trace(rt, signals, tracer, run);
+    stopping.store(true, Ordering::SeqCst); // also when trace() failed early
+    let d = downloads.join().unwrap_or_else(|_| demo::Downloads {
+        ok: 0,
+        errors: vec!["the download thread panicked".into()],
+    });
+    drop(server);
+    let elapsed = started.elapsed();
+    let json = summary.json(a.rounds, client, &d, &net, elapsed);
+    drop(net); // removes the namespaces and the veth pair
+    res?;
+    if mode == Mode::Json {
+        println!("{json}");
+    } else {
+        print!("{}", summary.text(a.rounds, client, &d, elapsed));
+    }
+    if d.ok < a.rounds || summary.complete < u64::from(a.rounds) {
+        eprintln!(
+            "tcptrace: demo incomplete: {}/{} downloads, {} complete connections traced",
+            d.ok, a.rounds, summary.complete
+        );
+        return Ok(1);
+    }
     Ok(0)
 }
 
