@@ -389,9 +389,20 @@ pub enum Client {
 impl Client {
     /// wget (as in the seed capture), else curl, else the built-in one.
     pub fn pick() -> Client {
-        if which("wget").is_some() {
+        // `--version` tells the real tools from busybox's cut-down applets
+        // (minimal systems, our test VMs), which lack the options used here.
+        let usable = |prog: &str| {
+            which(prog).is_some()
+                && Command::new(prog)
+                    .arg("--version")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+        };
+        if usable("wget") {
             Client::Wget
-        } else if which("curl").is_some() {
+        } else if usable("curl") {
             Client::Curl
         } else {
             Client::Builtin
