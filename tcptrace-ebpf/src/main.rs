@@ -75,11 +75,16 @@ fn filter() -> &'static tcptrace_common::Filter {
     unsafe { core::ptr::read_volatile(&&FILTER) }
 }
 
+/// Counts a dropped event; returns the new per-CPU total.
 #[inline(always)]
-fn count_lost() {
-    if let Some(n) = LOST.get_ptr_mut(0) {
+fn count_lost() -> u64 {
+    match LOST.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *n += 1 };
+        Some(n) => unsafe {
+            *n += 1;
+            *n
+        },
+        None => 0,
     }
 }
 
@@ -268,8 +273,11 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
                 entry.submit(0);
             }
             None => {
-                count_lost();
-                warn!(ctx, "tcptrace: ring buffer full, state change dropped");
+                // Once per CPU: LOST counts every drop, and a log line per
+                // drop would flood the log ring exactly when it is full too.
+                if count_lost() == 1 {
+                    warn!(ctx, "tcptrace: ring buffer full, dropping state changes");
+                }
             }
         }
 

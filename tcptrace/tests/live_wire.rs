@@ -105,27 +105,7 @@ fn compare(netns: Option<&str>, iface: &str, server: SocketAddr, client_ns: Opti
     let wire = dump.stop();
     let segs = of_type(&events, "segment");
 
-    let control: Vec<&Segment> = wire
-        .iter()
-        .filter(|s| s.flags.syn() || s.flags.fin() || s.flags.rst())
-        .collect();
-    assert!(control.len() >= 6, "tcpdump saw too little: {control:#?}");
-    for d in &control {
-        let hits: Vec<&&Value> = segs.iter().filter(|t| same(t, d)).collect();
-        assert_eq!(
-            hits.len(),
-            1,
-            "segment {d:?} seen {} times by tcptrace: {segs:#?}",
-            hits.len()
-        );
-        let t = hits[0];
-        assert_eq!(t["win"], d.win, "window of {d:?}");
-        assert_eq!(t["len"], d.len, "length of {d:?}");
-        assert_eq!(
-            t["options"],
-            serde_json::to_value(d.options).unwrap(),
-            "options of {d:?}"
-        );
+    for (_, t) in control_once(&wire, &segs, 6) {
         assert_eq!(t["iface"], iface);
     }
     assert!(
@@ -213,30 +193,52 @@ fn compare_veth(net: &NetPair, server: SocketAddr) {
     let events = trace.stop();
     let wire = dump.stop();
     let segs = of_type(&events, "segment");
-    let control: Vec<&Segment> = wire
-        .iter()
-        .filter(|s| s.flags.syn() || s.flags.fin() || s.flags.rst())
-        .collect();
-    assert!(control.len() >= 4, "{control:#?}");
     let ns = NetPair::netns_inode(&net.a);
-    for d in &control {
-        let hits: Vec<&&Value> = segs.iter().filter(|t| same(t, d)).collect();
-        assert_eq!(
-            hits.len(),
-            1,
-            "segment {d:?} seen {} times: {segs:#?}",
-            hits.len()
-        );
-        assert_eq!(hits[0]["options"], serde_json::to_value(d.options).unwrap());
-        assert_eq!(hits[0]["win"], d.win);
-        assert_eq!(hits[0]["netns"].as_u64(), Some(ns));
+    for (d, t) in control_once(&wire, &segs, 4) {
+        assert_eq!(t["netns"].as_u64(), Some(ns));
         let dir = if d.saddr == server.ip() {
             "ingress"
         } else {
             "egress"
         };
-        assert_eq!(hits[0]["dir"], dir);
+        assert_eq!(t["dir"], dir);
     }
+}
+
+/// Every SYN/FIN/RST tcpdump saw (at least `min`) appears exactly once in
+/// tcptrace's segments with the same window, length and options; returns the
+/// pairs for the caller's vantage-specific checks.
+fn control_once<'a, 'b>(
+    wire: &'a [Segment],
+    segs: &[&'b Value],
+    min: usize,
+) -> Vec<(&'a Segment, &'b Value)> {
+    let control: Vec<&Segment> = wire
+        .iter()
+        .filter(|s| s.flags.syn() || s.flags.fin() || s.flags.rst())
+        .collect();
+    assert!(control.len() >= min, "tcpdump saw too little: {control:#?}");
+    control
+        .into_iter()
+        .map(|d| {
+            let hits: Vec<&&Value> = segs.iter().filter(|t| same(t, d)).collect();
+            assert_eq!(
+                hits.len(),
+                1,
+                "segment {d:?} seen {} times by tcptrace: {segs:#?}",
+                hits.len()
+            );
+            let t: &'b Value = hits[0];
+            assert_eq!(t["win"], d.win, "window of {d:?}");
+            assert_eq!(t["len"], d.len, "length of {d:?}");
+            assert_eq!(
+                t["options"],
+                serde_json::to_value(d.options).unwrap(),
+                "options of {d:?}"
+            );
+            (d, t)
+        })
+        .collect()
 }
 
 fn our_programs() -> Vec<String> {

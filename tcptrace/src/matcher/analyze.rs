@@ -93,16 +93,6 @@ struct Sock<'a> {
     changes: Vec<&'a StateChange>,
 }
 
-fn fmt_dur(ns: u64) -> String {
-    if ns < 1_000_000 {
-        format!("{} µs", ns / 1000)
-    } else if ns < 1_000_000_000 {
-        format!("{}.{:03} ms", ns / 1_000_000, (ns / 1000) % 1000)
-    } else {
-        format!("{}.{:03} s", ns / 1_000_000_000, (ns / 1_000_000) % 1000)
-    }
-}
-
 pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
     let Input {
         key,
@@ -412,7 +402,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                         rule = Some("SYN seq=x".into());
                         explain = format!(
                             "no SYN-ACK after {}: the client sends its SYN again (retransmission #{}, the timeout doubles each time)",
-                            fmt_dur(gap),
+                            crate::timeline::human_duration(gap),
                             syn_times.len()
                         );
                     }
@@ -728,7 +718,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
     if syn_times.len() > 1 {
         let gaps: Vec<String> = syn_times
             .windows(2)
-            .map(|w| fmt_dur(w[1].saturating_sub(w[0])))
+            .map(|w| crate::timeline::human_duration(w[1].saturating_sub(w[0])))
             .collect();
         let mut a = Anomaly::new(
             AnomalyKind::SynRetransmit,
@@ -867,7 +857,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                         sc.oldstate,
                         sc.newstate,
                         what,
-                        fmt_dur(window)
+                        crate::timeline::human_duration(window)
                     ),
                 );
                 a.side = Some(sock.side);
@@ -918,7 +908,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                             w.from.name(),
                             w.seg.flags,
                             side.name(),
-                            fmt_dur(window)
+                            crate::timeline::human_duration(window)
                         ),
                     );
                     a.side = Some(side);
@@ -1195,7 +1185,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
         st.explain = format!(
             "{n} segment{} in {}: {bc} B from the client, {bs} B from the server{}",
             if n == 1 { "" } else { "s" },
-            fmt_dur(dur),
+            crate::timeline::human_duration(dur),
             if rx > 0 {
                 format!(", {rx} retransmitted")
             } else {
