@@ -456,18 +456,20 @@ impl Matcher {
 
     fn push_state(&mut self, sc: &StateChange, out: &mut Vec<Connection>) {
         if let Some(&id) = self.by_sk.get(&sc.skaddr) {
-            let reused_socket = sc.oldstate == TcpState::Close
-                && is_opening(sc)
-                && self
-                    .conns
-                    .get(&id)
-                    .is_none_or(|r| r.progress.socket_closed(sc.skaddr));
+            // The kernel recycles socket memory: the address of a closed
+            // socket comes back as the next connect() (CLOSE → SYN_SENT) or as
+            // the next accepted child (LISTEN → SYN_RECV) while the old record
+            // still lingers for stragglers. A socket's own events always carry
+            // its 4-tuple, so another 4-tuple is another connection.
+            let reused_socket = self.conns.get(&id).is_none_or(|r| {
+                (is_opening(sc) && r.progress.socket_closed(sc.skaddr))
+                    || (is_complete(sc)
+                        && Key::of(sc.saddr, sc.sport, sc.daddr, sc.dport, sc.netns) != r.key)
+            });
             if !reused_socket {
                 self.add(id, Event::State(sc.clone()));
                 return;
             }
-            // connect() again on a socket that failed or was closed: its
-            // next life belongs to whatever 4-tuple it gets now.
             self.by_sk.remove(&sc.skaddr);
         }
         if !is_complete(sc) {

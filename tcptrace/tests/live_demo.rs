@@ -253,13 +253,10 @@ fn demo_interrupted_cleans_up() {
     assert!(left.is_empty(), "namespaces left after Ctrl-C: {left:?}");
 }
 
-/// Each connection should hold exactly its own two sockets. Fails today: the
-/// kernel recycles a closed socket's address for the next connection's server
-/// child (LISTEN → SYN_RECV) while the previous record still lingers, and the
-/// matcher routes the child's events by skaddr to that old record (its
-/// reused-socket check only looks at CLOSE → …).
+/// Each connection holds exactly its own two sockets, although the kernel
+/// recycles a closed socket's address for the next connection's server child
+/// (LISTEN → SYN_RECV) while the previous record still lingers.
 #[test]
-#[ignore = "matcher: a recycled skaddr seen as LISTEN → SYN_RECV joins the lingering record that had it"]
 fn demo_connections_own_their_sockets() {
     if !common::need_root("demo_connections_own_their_sockets") {
         return;

@@ -198,6 +198,53 @@ fn live_two_vantage_points_merge_into_one_wire_step() {
     );
 }
 
+/// The kernel hands a closed socket's memory to the next socket: the next
+/// connect() and the next accepted child come back with the addresses of the
+/// previous ones while the previous record still lingers for stragglers. The
+/// child's first event (LISTEN → SYN_RECV) carries only the listener's
+/// address, so the socket address alone must not attach it to the old record.
+#[test]
+fn recycled_socket_addresses_start_new_connections() {
+    let mut ev = full_conversation();
+    let second = full_conversation().into_iter().map(|e| match e {
+        Event::State(mut sc) => {
+            sc.ts_ns += 2_000_000;
+            for p in [&mut sc.sport, &mut sc.dport] {
+                if *p == CPORT {
+                    *p = CPORT + 1;
+                }
+            }
+            Event::State(sc)
+        }
+        Event::Segment(mut s) => {
+            s.ts_ns += 2_000_000;
+            for p in [&mut s.sport, &mut s.dport] {
+                if *p == CPORT {
+                    *p = CPORT + 1;
+                }
+            }
+            Event::Segment(s)
+        }
+    });
+    ev.extend(second);
+    let (conns, stats) = run(&ev);
+    assert_eq!(conns.len(), 2, "{conns:#?}");
+    assert_eq!(stats.unresolved_state_events, 0);
+    for (c, port) in conns.iter().zip([CPORT, CPORT + 1]) {
+        let text = timeline::to_string(c);
+        assert_eq!(c.client.port(), port);
+        let sides: Vec<Side> = c.states.iter().map(|s| s.side).collect();
+        assert_eq!(sides, [Side::Client, Side::Server], "{text}");
+        assert_eq!(
+            spans(c, Side::Server).first().map(|s| s.0),
+            Some(TcpState::SynRecv),
+            "{text}"
+        );
+        assert_eq!(c.close, Close::FourSegment, "{text}");
+        assert!(c.anomalies.is_empty(), "{:?}\n{text}", c.anomalies);
+    }
+}
+
 #[test]
 fn live_time_in_states_per_socket() {
     use TcpState::*;
