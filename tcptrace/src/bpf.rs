@@ -12,6 +12,7 @@
 //! exit, and records them under /run/tcptrace so `tcptrace cleanup` can remove
 //! what a killed run left behind.
 use std::collections::HashMap;
+use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -334,6 +335,20 @@ impl Tracer {
             .sum()
     }
 
+    /// State changes the kernel did not give to tcptrace_state at all: a
+    /// tracepoint's program is skipped while another BPF tracing program runs
+    /// on that CPU (an interrupt arriving during one, say). The kernel counts
+    /// these as the program's `recursion_misses` (6.6 and later; older kernels
+    /// skip without counting, and this stays 0).
+    pub fn missed(&self) -> u64 {
+        self.instances
+            .iter()
+            .filter_map(|i| i.att.ebpf.program("tcptrace_state"))
+            .filter_map(|p| p.fd().ok())
+            .filter_map(|fd| recursion_misses(fd.as_fd().as_raw_fd()))
+            .sum()
+    }
+
     fn record_state(&mut self) -> Result<()> {
         if self.uses_tcx
             || self
@@ -531,4 +546,13 @@ pub fn cleanup() -> Result<usize> {
         })?;
     }
     Ok(removed)
+}
+
+/// `recursion_misses:` from the program's fdinfo (aya's ProgramInfo does not
+/// carry it).
+fn recursion_misses(fd: std::os::fd::RawFd) -> Option<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("recursion_misses:"))
+        .and_then(|v| v.trim().parse().ok())
 }

@@ -371,6 +371,7 @@ async fn run_live(
     let mut events: u64 = 0;
     let connections = std::cell::Cell::new(0u64);
     let mut lost_reported = 0;
+    let mut missed_reported = 0;
     let mut emit = |out: &mut dyn Write, c: &Connection| -> std::io::Result<()> {
         connections.set(connections.get() + 1);
         render::connection(out, mode, c)?;
@@ -428,6 +429,11 @@ async fn run_live(
                     eprintln!("tcptrace: lost {} events (ring buffer full; raise --ring-size); {lost} in total", lost - lost_reported);
                     lost_reported = lost;
                 }
+                let missed = tracer.missed();
+                if missed > missed_reported {
+                    eprintln!("tcptrace: the kernel skipped {} state changes (another BPF tracing program was running on that CPU); {missed} in total", missed - missed_reported);
+                    missed_reported = missed;
+                }
             }
             _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => break 'run,
             _ = async {
@@ -471,18 +477,24 @@ async fn run_live(
             emit(&mut out, &c)?;
         }
     }
-    let lost = tracer.lost();
+    let (ring_full, missed) = (tracer.lost(), tracer.missed());
+    let lost = ring_full + missed;
     let undecodable = stats.undecodable.load(Ordering::Relaxed);
     if mode == Mode::Json {
         writeln!(
             out,
             "{}",
-            serde_json::json!({"type": "summary", "events": events, "lost": lost, "undecodable": undecodable})
+            serde_json::json!({"type": "summary", "events": events, "lost": lost, "ring_full": ring_full, "missed": missed, "undecodable": undecodable})
         )?;
     }
     out.flush()?;
     eprintln!(
-        "tcptrace: {events} events, {lost} lost{}",
+        "tcptrace: {events} events, {lost} lost{}{}",
+        if lost > 0 {
+            format!(" ({ring_full} ring buffer full, {missed} skipped by the kernel)")
+        } else {
+            String::new()
+        },
         if undecodable > 0 {
             format!(", {undecodable} undecodable")
         } else {

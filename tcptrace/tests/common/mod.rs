@@ -192,6 +192,41 @@ impl NetPair {
             ip(&["-n", ns, "link", "set", ifname, "up"]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
+        // Fresh namespaces answer the first neighbour solicitation late (the
+        // peer has not joined its solicited-node group yet): the first SYN
+        // would wait a second for address resolution. Tests want the
+        // handshake on time, so the neighbours are written in.
+        let mac = |n: u32, side: u8| {
+            format!(
+                "02:77:{:02x}:{:02x}:{:02x}:{side:02x}",
+                n >> 16 & 0xff,
+                n >> 8 & 0xff,
+                n & 0xff
+            )
+        };
+        let (a_mac, b_mac) = (mac(n, 1), mac(n, 2));
+        ip(&["-n", &p.a, "link", "set", &p.a_if, "address", &a_mac]);
+        ip(&["-n", &p.b, "link", "set", &p.b_if, "address", &b_mac]);
+        for (ns, ifname, peer_v4, peer_v6, peer_mac) in [
+            (&p.a, &p.a_if, &p.b_v4, &p.b_v6, &b_mac),
+            (&p.b, &p.b_if, &p.a_v4, &p.a_v6, &a_mac),
+        ] {
+            for addr in [peer_v4, peer_v6] {
+                ip(&[
+                    "-n",
+                    ns,
+                    "neigh",
+                    "replace",
+                    addr,
+                    "lladdr",
+                    peer_mac,
+                    "dev",
+                    ifname,
+                    "nud",
+                    "permanent",
+                ]);
+            }
+        }
         p
     }
 
