@@ -105,7 +105,7 @@ fn side_col(s: Option<Side>) -> &'static str {
 }
 
 /// Writes the whole timeline of `conn`.
-pub fn render(conn: &Connection, out: &mut dyn Write) -> io::Result<()> {
+pub fn render<W: Write + ?Sized>(conn: &Connection, out: &mut W) -> io::Result<()> {
     writeln!(out, "{}", header(conn))?;
     let isn = |v: Option<u32>| v.map_or_else(|| "?".to_string(), |x| x.to_string());
     let mut second = format!(
