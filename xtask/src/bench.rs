@@ -71,7 +71,7 @@ pub struct BenchArgs {
     /// Skip the userspace scenario.
     #[arg(long)]
     no_userspace: bool,
-    /// Connections in the userspace scenario's capture [default: 50000, or
+    /// Connections in the userspace scenario's capture [default: 100000, or
     /// 20000 with --quick].
     #[arg(long, value_name = "N")]
     userspace_conns: Option<usize>,
@@ -295,7 +295,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .unwrap_or(if a.quick { 20_000 } else { 100_000 });
     let userspace_conns = a
         .userspace_conns
-        .unwrap_or(if a.quick { 20_000 } else { 50_000 });
+        .unwrap_or(if a.quick { 20_000 } else { 100_000 });
     let tracing = !a.userspace;
     // SAFETY: geteuid has no preconditions.
     if tracing && unsafe { libc::geteuid() } != 0 {
