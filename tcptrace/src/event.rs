@@ -1,7 +1,7 @@
 //! The decoded event stream every stage after `decode` works on, whether it
 //! came from the kernel (live) or from a capture file (pcap).
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
 use serde::Serialize;
@@ -156,7 +156,7 @@ impl fmt::Display for TcpFlags {
         }
         for (bit, c) in LETTERS {
             if self.has(bit) {
-                write!(f, "{c}")?;
+                f.write_char(c)?;
             }
         }
         Ok(())
@@ -228,20 +228,31 @@ impl TcpOptions {
 impl fmt::Display for TcpOptions {
     /// As tcpdump prints them: `mss 1460,sackOK,TS val 1 ecr 0,wscale 7`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts: Vec<String> = Vec::new();
+        let mut first = true;
+        let mut sep = |f: &mut fmt::Formatter<'_>| {
+            if std::mem::take(&mut first) {
+                Ok(())
+            } else {
+                f.write_str(",")
+            }
+        };
         if let Some(m) = self.mss {
-            parts.push(format!("mss {m}"));
+            sep(f)?;
+            write!(f, "mss {m}")?;
         }
         if self.sack_ok {
-            parts.push("sackOK".into());
+            sep(f)?;
+            f.write_str("sackOK")?;
         }
         if let (Some(v), Some(e)) = (self.tsval, self.tsecr) {
-            parts.push(format!("TS val {v} ecr {e}"));
+            sep(f)?;
+            write!(f, "TS val {v} ecr {e}")?;
         }
         if let Some(w) = self.wscale {
-            parts.push(format!("wscale {w}"));
+            sep(f)?;
+            write!(f, "wscale {w}")?;
         }
-        f.write_str(&parts.join(","))
+        Ok(())
     }
 }
 
@@ -303,7 +314,10 @@ pub struct Segment {
     pub netns: u32,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// Serialises as one JSON object tagged with its kind, `"type"` first:
+/// `{"type":"state",…}` or `{"type":"segment",…}`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum Event {
     State(StateChange),
     Segment(Segment),

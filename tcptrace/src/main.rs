@@ -1,6 +1,6 @@
 //! The `tcptrace` command line.
 use std::future::Future;
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -170,7 +170,7 @@ fn cleanup() -> Result<i32> {
 fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
     let cap = tcptrace::pcap::read_file(file)?;
     let clock = Clock::epoch();
-    let mut out = std::io::stdout().lock();
+    let mut out = BufWriter::with_capacity(OUT_BUFFER, std::io::stdout().lock());
     let mut m = Matcher::new(MatcherConfig::default());
     for ev in &cap.events {
         emit_event(&mut out, mode, ev, &clock)?;
@@ -190,10 +190,14 @@ fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
     Ok(0)
 }
 
-fn emit_event(out: &mut dyn Write, mode: Mode, ev: &Event, clock: &Clock) -> std::io::Result<()> {
+/// Large enough that a saturated run writes in big chunks, not a write(2)
+/// per line or per ring batch.
+const OUT_BUFFER: usize = 256 * 1024;
+
+fn emit_event<W: Write>(out: &mut W, mode: Mode, ev: &Event, clock: &Clock) -> std::io::Result<()> {
     match mode {
-        Mode::Json => writeln!(out, "{}", render::event_json(ev)),
-        Mode::Events => writeln!(out, "{}", render::event_line(ev, clock)),
+        Mode::Json => render::write_event_json(out, ev),
+        Mode::Events => render::write_event_line(out, ev, clock),
         Mode::Timeline => Ok(()),
     }
 }
@@ -367,12 +371,12 @@ async fn run_live(
     let deadline = stop.after.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut matcher = Matcher::new(MatcherConfig::default());
-    let mut out = std::io::BufWriter::new(std::io::stdout());
+    let mut out = BufWriter::with_capacity(OUT_BUFFER, std::io::stdout());
     let mut events: u64 = 0;
     let connections = std::cell::Cell::new(0u64);
     let mut lost_reported = 0;
     let mut missed_reported = 0;
-    let mut emit = |out: &mut dyn Write, c: &Connection| -> std::io::Result<()> {
+    let mut emit = |out: &mut BufWriter<std::io::Stdout>, c: &Connection| -> std::io::Result<()> {
         connections.set(connections.get() + 1);
         render::connection(out, mode, c)?;
         on_connection(c);
@@ -407,7 +411,11 @@ async fn run_live(
                         break 'run;
                     }
                 }
-                out.flush()?;
+                // Under load the channel is never empty and the 250 ms tick
+                // flushes; a quiet trace shows each event as it comes.
+                if rx.is_empty() {
+                    out.flush()?;
+                }
             }
             _ = flush.tick(), if matching && !order.is_empty() => {
                 for ev in order.take_older(monotonic_ns().saturating_sub(REORDER_NS.as_nanos() as u64)) {

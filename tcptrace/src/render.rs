@@ -1,9 +1,8 @@
 //! Stage 5: what people and scripts read. One line per event (text or JSON
 //! Lines), connection summaries and timelines (see [`crate::timeline`]).
-use std::io::Write;
-use std::net::IpAddr;
-
-use serde::Serialize;
+use std::fmt;
+use std::io::{self, Write};
+use std::net::SocketAddr;
 
 use crate::event::{Event, Segment, StateChange};
 use crate::matcher::Connection;
@@ -48,76 +47,94 @@ impl Clock {
     }
 
     /// `HH:MM:SS.uuuuuu` (UTC), as tcpdump prints with -tt converted.
-    pub fn hms(&self, ts_ns: u64) -> String {
+    pub fn hms(&self, ts_ns: u64) -> Hms {
         let t = (ts_ns as i128 + self.offset_ns).max(0) as u128;
-        let secs = t / 1_000_000_000;
-        let us = (t % 1_000_000_000) / 1000;
-        format!(
+        Hms {
+            secs: t / 1_000_000_000,
+            us: (t % 1_000_000_000) / 1000,
+        }
+    }
+}
+
+/// A wall-clock time of day, printed without building a String first.
+pub struct Hms {
+    secs: u128,
+    us: u128,
+}
+
+impl fmt::Display for Hms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.secs;
+        write!(
+            f,
             "{:02}:{:02}:{:02}.{:06}",
-            (secs / 3600) % 24,
-            (secs / 60) % 60,
-            secs % 60,
-            us
+            (s / 3600) % 24,
+            (s / 60) % 60,
+            s % 60,
+            self.us
         )
     }
 }
 
-pub fn endpoint(addr: &IpAddr, port: u16) -> String {
-    match addr {
-        IpAddr::V4(a) => format!("{a}:{port}"),
-        IpAddr::V6(a) => format!("[{a}]:{port}"),
-    }
-}
-
-pub fn state_line(s: &StateChange, clock: &Clock) -> String {
-    let in_old = if s.prev_state_ns > 0 {
-        format!(
-            "  ({:.3} ms in {})",
-            s.prev_state_ns as f64 / 1e6,
-            s.oldstate
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "{} {:>7} {:<15} {} → {}  {} → {}{}",
+fn write_state_line<W: Write + ?Sized>(
+    out: &mut W,
+    s: &StateChange,
+    clock: &Clock,
+) -> io::Result<()> {
+    // SocketAddr prints `a:p` and `[a]:p`, as the user expects an endpoint.
+    write!(
+        out,
+        "{} {:>7} {:<15} {} → {}  {} → {}",
         clock.hms(s.ts_ns),
         s.pid,
         s.comm,
-        endpoint(&s.saddr, s.sport),
-        endpoint(&s.daddr, s.dport),
+        SocketAddr::new(s.saddr, s.sport),
+        SocketAddr::new(s.daddr, s.dport),
         s.oldstate,
         s.newstate,
-        in_old
-    )
+    )?;
+    if s.prev_state_ns > 0 {
+        write!(
+            out,
+            "  ({:.3} ms in {})",
+            s.prev_state_ns as f64 / 1e6,
+            s.oldstate
+        )?;
+    }
+    writeln!(out)
 }
 
 /// tcpdump's one-line form, absolute sequence numbers (`-S`).
-pub fn segment_line(s: &Segment, clock: &Clock) -> String {
+fn write_segment_line<W: Write + ?Sized>(
+    out: &mut W,
+    s: &Segment,
+    clock: &Clock,
+) -> io::Result<()> {
     let ip = if s.saddr.is_ipv4() { "IP" } else { "IP6" };
-    let dot = |a: &IpAddr, p: u16| format!("{a}.{p}");
-    let mut line = format!(
-        "{} {} {:<7} {ip} {} > {}: Flags [{}], seq {}",
+    write!(
+        out,
+        "{} {} {:<7} {ip} {}.{} > {}.{}: Flags [{}], seq {}",
         clock.hms(s.ts_ns),
         s.iface.as_deref().unwrap_or("-"),
         dir_word(s),
-        dot(&s.saddr, s.sport),
-        dot(&s.daddr, s.dport),
+        s.saddr,
+        s.sport,
+        s.daddr,
+        s.dport,
         s.flags,
         s.seq
-    );
+    )?;
     if s.len > 0 {
-        line.push_str(&format!(":{}", s.seq.wrapping_add(s.len)));
+        write!(out, ":{}", s.seq.wrapping_add(s.len))?;
     }
     if s.flags.ack() {
-        line.push_str(&format!(", ack {}", s.ack));
+        write!(out, ", ack {}", s.ack)?;
     }
-    line.push_str(&format!(", win {}", s.win));
+    write!(out, ", win {}", s.win)?;
     if !s.options.is_empty() {
-        line.push_str(&format!(", options [{}]", s.options));
+        write!(out, ", options [{}]", s.options)?;
     }
-    line.push_str(&format!(", length {}", s.len));
-    line
+    writeln!(out, ", length {}", s.len)
 }
 
 fn dir_word(s: &Segment) -> &'static str {
@@ -128,46 +145,116 @@ fn dir_word(s: &Segment) -> &'static str {
     }
 }
 
-#[derive(Serialize)]
-struct Tagged<'a, T: Serialize> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    #[serde(flatten)]
-    inner: &'a T,
+/// One JSON line: `{"type":"state",…}` or `{"type":"segment",…}`.
+pub fn write_event_json<W: Write + ?Sized>(out: &mut W, ev: &Event) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, ev)?;
+    out.write_all(b"\n")
 }
 
-pub fn event_json(ev: &Event) -> String {
-    let r = match ev {
-        Event::State(s) => serde_json::to_string(&Tagged {
-            kind: "state",
-            inner: s,
-        }),
-        Event::Segment(s) => serde_json::to_string(&Tagged {
-            kind: "segment",
-            inner: s,
-        }),
-    };
-    r.unwrap_or_else(|e| format!("{{\"type\":\"error\",\"error\":\"{e}\"}}"))
-}
-
-pub fn event_line(ev: &Event, clock: &Clock) -> String {
+/// One readable line: the transition, or the segment as tcpdump prints it.
+pub fn write_event_line<W: Write + ?Sized>(
+    out: &mut W,
+    ev: &Event,
+    clock: &Clock,
+) -> io::Result<()> {
     match ev {
-        Event::State(s) => state_line(s, clock),
-        Event::Segment(s) => segment_line(s, clock),
+        Event::State(s) => write_state_line(out, s, clock),
+        Event::Segment(s) => write_segment_line(out, s, clock),
     }
 }
 
 /// Writes a finished connection in the chosen mode.
-pub fn connection(out: &mut dyn Write, mode: Mode, c: &Connection) -> std::io::Result<()> {
+pub fn connection<W: Write + ?Sized>(out: &mut W, mode: Mode, c: &Connection) -> io::Result<()> {
     match mode {
         Mode::Json => {
-            let line = serde_json::to_string(c).map_err(std::io::Error::other)?;
-            writeln!(out, "{line}")
+            serde_json::to_writer(&mut *out, c)?;
+            out.write_all(b"\n")
         }
         Mode::Timeline => {
             crate::timeline::render(c, out)?;
             writeln!(out)
         }
         Mode::Events => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Dir, Family, TcpFlags, TcpOptions, TcpState};
+
+    /// Live events of both kinds, with every optional field present.
+    fn events() -> [Event; 2] {
+        let state = StateChange {
+            ts_ns: 1_700_000_000_123_456_789,
+            skaddr: 0xffff_8880_1234_5678,
+            pid: 4242,
+            comm: "curl".into(),
+            family: Family::Ipv6,
+            saddr: "2001:db8::1".parse().expect("literal"),
+            sport: 40000,
+            daddr: "2001:db8::2".parse().expect("literal"),
+            dport: 80,
+            oldstate: TcpState::Established,
+            newstate: TcpState::FinWait1,
+            prev_state_ns: 1_234_567,
+            netns: 4026531840,
+        };
+        let segment = Segment {
+            ts_ns: 5_000_001_000,
+            ifindex: 7,
+            iface: Some("veth0".into()),
+            dir: Dir::Egress,
+            family: Family::Ipv4,
+            saddr: "10.0.0.1".parse().expect("literal"),
+            sport: 40000,
+            daddr: "10.0.0.2".parse().expect("literal"),
+            dport: 80,
+            flags: TcpFlags(TcpFlags::FIN | TcpFlags::PSH | TcpFlags::ACK),
+            seq: 100,
+            ack: 200,
+            win: 502,
+            len: 10,
+            options: TcpOptions {
+                tsval: Some(1),
+                tsecr: Some(2),
+                ..TcpOptions::default()
+            },
+            netns: 4026532000,
+        };
+        [Event::State(state), Event::Segment(segment)]
+    }
+
+    fn written(f: impl Fn(&mut dyn Write, &Event) -> io::Result<()>) -> String {
+        let mut v = Vec::new();
+        for ev in &events() {
+            f(&mut v, ev).expect("writing to a Vec");
+        }
+        String::from_utf8(v).expect("UTF-8")
+    }
+
+    #[test]
+    fn json_lines_are_tagged_type_first() {
+        assert_eq!(
+            written(|out, ev| write_event_json(out, ev)),
+            concat!(
+                r#"{"type":"state","ts_ns":1700000000123456789,"skaddr":"0xffff888012345678","pid":4242,"comm":"curl","family":"ipv6","saddr":"2001:db8::1","sport":40000,"daddr":"2001:db8::2","dport":80,"oldstate":"ESTABLISHED","newstate":"FIN_WAIT1","prev_state_ns":1234567,"netns":4026531840}"#,
+                "\n",
+                r#"{"type":"segment","ts_ns":5000001000,"ifindex":7,"iface":"veth0","dir":"egress","family":"ipv4","saddr":"10.0.0.1","sport":40000,"daddr":"10.0.0.2","dport":80,"flags":"FP.","seq":100,"ack":200,"win":502,"len":10,"options":{"tsval":1,"tsecr":2},"netns":4026532000}"#,
+                "\n"
+            )
+        );
+    }
+
+    #[test]
+    fn event_lines_read_like_tcpstates_and_tcpdump() {
+        let clock = Clock {
+            offset_ns: 3_600_000_000_000,
+        };
+        assert_eq!(
+            written(|out, ev| write_event_line(out, ev, &clock)),
+            "23:13:20.123456    4242 curl            [2001:db8::1]:40000 → [2001:db8::2]:80  ESTABLISHED → FIN_WAIT1  (1.235 ms in ESTABLISHED)\n\
+             01:00:05.000001 veth0 egress  IP 10.0.0.1.40000 > 10.0.0.2.80: Flags [FP.], seq 100:110, ack 200, win 502, options [TS val 1 ecr 2], length 10\n"
+        );
     }
 }

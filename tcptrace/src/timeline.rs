@@ -94,8 +94,8 @@ fn tcpdump_text(st: &Step) -> String {
 fn explanation(st: &Step) -> String {
     match (&st.rule, st.explain.is_empty()) {
         (Some(r), false) => format!("{r} — {}", st.explain),
-        (Some(r), true) => r.clone(),
-        (None, false) => st.explain.clone(),
+        (Some(r), true) => r.to_string(),
+        (None, false) => st.explain.to_string(),
         (None, true) => String::new(),
     }
 }
@@ -105,7 +105,7 @@ fn side_col(s: Option<Side>) -> &'static str {
 }
 
 /// Writes the whole timeline of `conn`.
-pub fn render(conn: &Connection, out: &mut dyn Write) -> io::Result<()> {
+pub fn render<W: Write + ?Sized>(conn: &Connection, out: &mut W) -> io::Result<()> {
     writeln!(out, "{}", header(conn))?;
     let isn = |v: Option<u32>| v.map_or_else(|| "?".to_string(), |x| x.to_string());
     let mut second = format!(
@@ -142,7 +142,7 @@ pub fn render(conn: &Connection, out: &mut dyn Write) -> io::Result<()> {
                 let mut e = explanation(st);
                 if st.rule.is_none() && st.name != "data" && st.name != "ACK" {
                     e = if e.is_empty() {
-                        st.name.clone()
+                        st.name.to_string()
                     } else {
                         format!("{}: {e}", st.name)
                     };
@@ -190,7 +190,7 @@ pub fn render(conn: &Connection, out: &mut dyn Write) -> io::Result<()> {
                     }
                 }
                 writeln!(out, "{line}")?;
-                let mut e = st.explain.clone();
+                let mut e = st.explain.to_string();
                 if let Some(c) = st.matched_step.and_then(|i| conn.steps.get(i)) {
                     let cause = format!("with {} at {}", c.name, rel_ms(c.rel_ns));
                     e = if e.is_empty() {

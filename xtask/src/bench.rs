@@ -16,12 +16,16 @@
 //! closed while tcptrace runs: its memory per connection, and whether the
 //! kernel maps and the matcher stay bounded.
 //!
+//! Userspace scenario (also alone, without root: `--userspace`): tcptrace's
+//! own per-event cost over a capture file, see bench/userspace.rs.
+//!
 //! Results: a markdown table on stdout; JSON in target/bench/
 //! (bench-<UTC time>.json and latest.json).
 mod count;
 mod json;
 mod proc;
 mod scale;
+mod userspace;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -60,6 +64,17 @@ pub struct BenchArgs {
     /// Skip the storm scenario.
     #[arg(long)]
     no_storm: bool,
+    /// Only the userspace scenario (`tcptrace pcap` over a synthetic
+    /// capture): no tracer, no root.
+    #[arg(long, conflicts_with = "no_userspace")]
+    userspace: bool,
+    /// Skip the userspace scenario.
+    #[arg(long)]
+    no_userspace: bool,
+    /// Connections in the userspace scenario's capture [default: 100000, or
+    /// 20000 with --quick].
+    #[arg(long, value_name = "N")]
+    userspace_conns: Option<usize>,
     /// Do not compare with libbpf-tools' tcpstates even when installed.
     #[arg(long)]
     no_tcpstates: bool,
@@ -76,6 +91,8 @@ pub struct Bins {
     pub tcptrace: PathBuf,
     pub tcpstorm: PathBuf,
     pub tcpstates: Option<PathBuf>,
+    /// Writes the userspace scenario's capture (tcptrace/examples).
+    pub storm_capture: PathBuf,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -276,9 +293,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let scale_conns = a
         .scale_conns
         .unwrap_or(if a.quick { 20_000 } else { 100_000 });
+    let userspace_conns = a
+        .userspace_conns
+        .unwrap_or(if a.quick { 20_000 } else { 100_000 });
+    let tracing = !a.userspace;
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the bench loads eBPF programs: run it as root");
+    if tracing && unsafe { libc::geteuid() } != 0 {
+        bail!("the bench loads eBPF programs: run it as root (or only --userspace)");
     }
     let bins = build()?;
     if bins.tcpstates.is_none() && !a.no_tcpstates {
@@ -315,25 +336,39 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     if a.no_scale { None } else { Some(scale_conns) },
                 )
                 .with("scale_rate", a.scale_rate)
+                .with(
+                    "userspace_conns",
+                    if a.no_userspace {
+                        None
+                    } else {
+                        Some(userspace_conns)
+                    },
+                )
                 .with("tcptrace_args", a.tcptrace_args.clone()),
         );
     let mut md = String::new();
     let mut targets: Vec<(String, bool, String)> = Vec::new();
 
-    if !a.no_scale {
+    if tracing && !a.no_scale {
         let (j, table, t) = scale::run(&ctx, scale_conns, a.scale_rate)?;
         report.set("scale", j);
         md.push_str(&table);
         targets.extend(t);
     }
 
-    if !a.no_storm {
+    if tracing && !a.no_storm {
         let mut cfgs = vec![Cfg::None, Cfg::NoWire, Cfg::Wire];
         if ctx.bins.tcpstates.is_some() && !a.no_tcpstates {
             cfgs.push(Cfg::Tcpstates);
         }
         let (j, table, t) = storm_scenario(&ctx, &cfgs, a.rounds, duration, a.threads)?;
         report.set("storm", j);
+        md.push_str(&table);
+        targets.extend(t);
+    }
+    if !a.no_userspace {
+        let (j, table, t) = userspace::run(&ctx, userspace_conns, a.rounds)?;
+        report.set("userspace", j);
         md.push_str(&table);
         targets.extend(t);
     }
@@ -372,12 +407,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
 fn build() -> Result<Bins> {
     let mut c = crate::cargo();
-    c.args(["build", "--release", "-p", "tcptrace"]);
+    c.args([
+        "build",
+        "--release",
+        "-p",
+        "tcptrace",
+        "--bin",
+        "tcptrace",
+        "--example",
+        "storm_capture",
+    ]);
     crate::status(c)?;
     let mut c = crate::cargo();
     c.args(["build", "--release", "-p", "xtask", "--bin", "tcpstorm"]);
     crate::status(c)?;
-    let rel = crate::workspace_root().join("target/release");
+    let rel = crate::target_dir().join("release");
     let tcpstates = [
         "/usr/sbin/tcpstates",
         "/usr/bin/tcpstates",
@@ -390,6 +434,7 @@ fn build() -> Result<Bins> {
         tcptrace: rel.join("tcptrace"),
         tcpstorm: rel.join("tcpstorm"),
         tcpstates,
+        storm_capture: rel.join("examples/storm_capture"),
     })
 }
 

@@ -35,7 +35,9 @@ enum Cmd {
     /// Run every test: lint, unit, pcap, real-kernel tests on this host, and
     /// the same real-kernel tests in VMs on other kernels.
     Test(TestArgs),
-    /// Measure tracing overhead and loss against a connection storm.
+    /// Measure tracing overhead and loss against a connection storm, and
+    /// tcptrace's own per-event cost over a capture (`--userspace`: that
+    /// alone, no root).
     Bench(bench::BenchArgs),
 }
 
@@ -77,6 +79,15 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where cargo puts what it builds: `CARGO_TARGET_DIR` when set (relative to
+/// the workspace, where [`cargo`] runs), else `target/`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || workspace_root().join("target"),
+        |d| workspace_root().join(d),
+    )
+}
+
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());
@@ -99,7 +110,7 @@ fn build_release() -> Result<PathBuf> {
     let mut c = cargo();
     c.args(["build", "--release", "-p", "tcptrace"]);
     status(c)?;
-    Ok(workspace_root().join("target/release/tcptrace"))
+    Ok(target_dir().join("release/tcptrace"))
 }
 
 fn run(args: Vec<String>) -> Result<()> {

@@ -9,6 +9,7 @@
 //!    report the ones that have none (and the reverse) when both views exist;
 //! 4. infer TIME_WAIT, which the tracepoint cannot show.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
@@ -62,9 +63,9 @@ struct Wire<'a> {
     class: Class,
     /// Also acknowledges the peer's FIN (FIN+ACK, data acking a FIN).
     acks_fin: bool,
-    name: String,
-    rule: Option<String>,
-    explain: String,
+    name: Cow<'static, str>,
+    rule: Option<Cow<'static, str>>,
+    explain: Cow<'static, str>,
 }
 
 impl Wire<'_> {
@@ -214,9 +215,9 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 retrans: seen_here,
                 class: Class::Data,
                 acks_fin: false,
-                name: String::new(),
+                name: Cow::Borrowed(""),
                 rule: None,
-                explain: String::new(),
+                explain: Cow::Borrowed(""),
             });
         }
     }
@@ -296,9 +297,9 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
         let who = from.name();
         let peer = from.peer().name();
         let mut class = Class::Data;
-        let mut name = String::new();
-        let mut rule: Option<String> = None;
-        let mut explain = String::new();
+        let mut name: Cow<'static, str> = Cow::Borrowed("");
+        let mut rule: Option<Cow<'static, str>> = None;
+        let mut explain: Cow<'static, str> = Cow::Borrowed("");
         let mut retrans = wires[i].retrans;
         let mut acks_fin = false;
 
@@ -318,7 +319,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 rule = Some("RST ack=x+1".into());
                 explain = format!(
                     "nothing accepts connections on {server}: the SYN is answered by RST — connection refused (ECONNREFUSED)"
-                );
+                ).into();
                 let mut a = Anomaly::new(
                     AnomalyKind::Refused,
                     format!("SYN to {server} answered by RST ack=x+1: no listener (or a firewall's tcp-reset)"),
@@ -337,7 +338,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 explain = format!(
                     "the client rejects the unacceptable SYN-ACK with RST seq={}: the old duplicate is defeated and the handshake goes on (RFC 9293 §3.5, figure 8)",
                     seg.seq
-                );
+                ).into();
                 for &(ack, at) in &stale_synack {
                     if ack == seg.seq {
                         if let Some(a) = anomalies
@@ -351,7 +352,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
             } else if terminal_rst.is_some() {
                 class = Class::Rst;
                 name = "RST (again)".into();
-                explain = format!("{who} resets again: the connection is already gone");
+                explain = format!("{who} resets again: the connection is already gone").into();
                 if let Some(a) = reset_anomaly.and_then(|k| anomalies.get_mut(k)) {
                     a.count += 1;
                 }
@@ -367,13 +368,13 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                     name = "RST (after close)".into();
                     explain = format!(
                         "{who} sends RST after the close completed ({who} in {state}): a segment hit a socket that is gone"
-                    );
+                    ).into();
                 } else {
                     terminal_rst = Some(i);
                     name = "RST".into();
                     explain = format!(
                         "{who} resets the connection in {state}: no FIN exchange, data in flight is lost; {peer} goes straight to CLOSED"
-                    );
+                    ).into();
                 }
                 let mut a =
                     Anomaly::new(AnomalyKind::Reset, format!("RST from the {who} in {state}"));
@@ -394,7 +395,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                         explain = format!(
                             "x = {}: the client opens (active open) with its initial sequence number and enters SYN_SENT",
                             seg.seq
-                        );
+                        ).into();
                     } else {
                         retrans = true;
                         let gap = ts.saturating_sub(*syn_times.last().unwrap_or(&ts));
@@ -404,7 +405,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                             "no SYN-ACK after {}: the client sends its SYN again (retransmission #{}, the timeout doubles each time)",
                             crate::timeline::human_duration(gap),
                             syn_times.len()
-                        );
+                        ).into();
                     }
                     syn_times.push(ts);
                 } else {
@@ -412,7 +413,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                     explain = format!(
                         "a client SYN with ISN {} ≠ x: a new attempt or an old duplicate on the same 4-tuple",
                         seg.seq
-                    );
+                    ).into();
                     let mut a = Anomaly::new(
                         AnomalyKind::HandshakeSeqMismatch,
                         format!(
@@ -432,7 +433,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 explain = format!(
                     "the server sends its own SYN (y = {}) instead of answering: both ends opened actively — simultaneous open, each goes SYN_SENT → SYN_RECV",
                     seg.seq
-                );
+                ).into();
                 if synack_seen.contains(&seg.seq) {
                     retrans = true;
                 }
@@ -445,12 +446,12 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
             if expected == Some(seg.ack) {
                 class = Class::SynAck;
                 synack_ok[s] = true;
-                let (me, other) = if from == Side::Server {
-                    ("y", "x")
+                let (synack_rule, other) = if from == Side::Server {
+                    ("SYN-ACK seq=y ack=x+1", "x")
                 } else {
-                    ("x", "y")
+                    ("SYN-ACK seq=x ack=y+1", "y")
                 };
-                rule = Some(format!("SYN-ACK seq={me} ack={other}+1"));
+                rule = Some(synack_rule.into());
                 if from == Side::Server && synack_seen.contains(&seg.seq) && synack_step.is_some() {
                     retrans = true;
                     synack_retx += 1;
@@ -460,13 +461,13 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                     name = "SYN-ACK".into();
                     explain = format!(
                         "the {who} acknowledges the {peer}'s SYN ({other}+1) repeating its own SYN: simultaneous open, SYN_RECV → ESTABLISHED when the peer's SYN-ACK arrives"
-                    );
+                    ).into();
                 } else {
                     name = "SYN-ACK".into();
                     explain = format!(
                         "y = {}: the server accepts, acknowledging x+1 and choosing its own initial sequence number",
                         seg.seq
-                    );
+                    ).into();
                 }
                 if from == Side::Server {
                     synack_seen.push(seg.seq);
@@ -485,7 +486,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                     isn_c.unwrap_or(0),
                     isn_c.unwrap_or(0).wrapping_add(1),
                     seg.ack
-                );
+                ).into();
                 stale_synack.push((seg.ack, i));
                 let mut a = Anomaly::new(
                     AnomalyKind::BadAck,
@@ -534,7 +535,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                         "acknowledges {} but the server's SYN-ACK was y = {}: not acceptable, the server answers with RST",
                         seg.ack,
                         isn_s.unwrap_or(0)
-                    );
+                    ).into();
                     let mut a = Anomaly::new(
                         AnomalyKind::BadAck,
                         format!(
@@ -554,14 +555,9 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 // not captured here; the connection is open anyway.
                 handshake_done = true;
             }
-            let (u_name, w_name) = ("u", "w");
-            let letter = |side: Side| {
-                if Some(side) == first_closer {
-                    u_name
-                } else {
-                    w_name
-                }
-            };
+            // RFC 9293's names: u is the first closer's FIN, w the other's.
+            let is_u = |side: Side| Some(side) == first_closer;
+            let letter = |side: Side| if is_u(side) { "u" } else { "w" };
             // Does it acknowledge the peer's FIN for the first time?
             if f.ack() && fin_acked_by[p].is_none() {
                 if let Some(pf) = fin[p] {
@@ -578,13 +574,15 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                     Some(prev) if prev == fs => {
                         retrans = true;
                         name = "FIN (retransmission)".into();
-                        rule = Some(format!("FIN seq={}", letter(from)));
-                        explain = format!("the {who} sends its FIN again: no ACK for it yet");
+                        rule = Some(if is_u(from) { "FIN seq=u" } else { "FIN seq=w" }.into());
+                        explain =
+                            format!("the {who} sends its FIN again: no ACK for it yet").into();
                     }
                     Some(_) => {
                         name = "FIN (other seq)".into();
                         explain =
-                            format!("another FIN from the {who} with a different sequence number");
+                            format!("another FIN from the {who} with a different sequence number")
+                                .into();
                     }
                     None => {
                         fin[s] = Some(fs);
@@ -596,7 +594,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                             rule = Some("FIN seq=u".into());
                             explain = format!(
                                 "u = {v}: the {who} closes its sending direction first (active close) and enters FIN_WAIT1"
-                            );
+                            ).into();
                         } else if acks_fin {
                             close_kind.get_or_insert(Close::ThreeSegment);
                             name = "FIN+ACK".into();
@@ -604,21 +602,21 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                             explain = format!(
                                 "w = {v}, u+1 = {}: the {who}'s FIN rides on its ACK of the {peer}'s FIN — three-segment close; {who} LAST_ACK, {peer} FIN_WAIT2",
                                 rel(from.peer(), seg.ack)
-                            );
+                            ).into();
                         } else if fin_acked_by[p].is_some() {
                             close_kind.get_or_insert(Close::FourSegment);
                             name = "FIN".into();
                             rule = Some("FIN seq=w".into());
                             explain = format!(
                                 "w = {v}: the {who} closes too, CLOSE_WAIT → LAST_ACK — four-segment close"
-                            );
+                            ).into();
                         } else {
                             close_kind.get_or_insert(Close::Simultaneous);
                             name = "FIN (simultaneous close)".into();
                             rule = Some("FIN seq=w".into());
                             explain = format!(
                                 "w = {v}: the {who}'s FIN crosses the {peer}'s (it does not acknowledge u+1) — simultaneous close, both sides FIN_WAIT1 → CLOSING"
-                            );
+                            ).into();
                         }
                     }
                 }
@@ -627,7 +625,14 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 let l = letter(from.peer());
                 class = Class::AckOfFin;
                 name = "ACK of FIN".into();
-                rule = Some(format!("ACK ack={l}+1"));
+                rule = Some(
+                    if is_u(from.peer()) {
+                        "ACK ack=u+1"
+                    } else {
+                        "ACK ack=w+1"
+                    }
+                    .into(),
+                );
                 let n = rel(from.peer(), seg.ack);
                 explain = if fin[s].is_some() && close_kind == Some(Close::Simultaneous) {
                     format!("{l}+1 = {n}: the {who} acknowledges the {peer}'s FIN; the {peer} leaves CLOSING for TIME_WAIT")
@@ -637,7 +642,8 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                     format!("{l}+1 = {n}, with data: half-close — the {who} (CLOSE_WAIT) keeps sending, the {peer} (FIN_WAIT2) keeps receiving")
                 } else {
                     format!("{l}+1 = {n}: the {peer} moves to FIN_WAIT2, the {who} to CLOSE_WAIT (half-closed: the {who} may still send)")
-                };
+                }
+                .into();
                 named = true;
             }
             if !named && seg.len > 0 {
@@ -1131,7 +1137,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 }
                 data_run = None;
                 wire_to_step[i] = steps.len();
-                steps.push(wire_step(w, &isn, live, cfg.summarize_data));
+                steps.push(wire_step(&mut wires[i], &isn, live, cfg.summarize_data));
             }
             Item::Kernel(k) => {
                 data_run = None;
@@ -1142,7 +1148,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                     StepKind::Kernel,
                     format!("{} → {}", sc.oldstate, sc.newstate),
                 );
-                st.explain = kernel_explain(sc.oldstate, sc.newstate, ks.side).to_string();
+                st.explain = kernel_explain(sc.oldstate, sc.newstate, ks.side).into();
                 st.side = Some(ks.side);
                 st.skaddr = Some(format!("{:#x}", sc.skaddr));
                 st.oldstate = Some(sc.oldstate);
@@ -1165,7 +1171,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                     st.explain = format!(
                         "the {} the 4-tuple for 2·MSL (60 s on Linux) so that late segments of this incarnation die out and a retransmitted FIN can still be ACKed",
                         if tw.side == Side::Both { "client and the server each keep" } else if tw.side == Side::Client { "client keeps" } else { "server keeps" }
-                    );
+                    ).into();
                     st.side = Some(tw.side);
                     steps.push(st);
                 }
@@ -1191,7 +1197,8 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
             } else {
                 String::new()
             }
-        );
+        )
+        .into();
     }
     if dropped.iter().any(|d| d.segments > 0) {
         let mut st = Step::new(
@@ -1584,11 +1591,13 @@ impl MatchCtx<'_, '_> {
     }
 }
 
-fn wire_step(w: &Wire, isn: &[Option<u32>; 2], live: bool, summarize: bool) -> Step {
+/// The step of one wire segment; takes the texts and observations out of
+/// `w`, which is not shown again.
+fn wire_step(w: &mut Wire, isn: &[Option<u32>; 2], live: bool, summarize: bool) -> Step {
     let seg = w.seg;
-    let mut st = Step::new(w.ts, StepKind::Wire, w.name.clone());
-    st.rule = w.rule.clone();
-    st.explain = w.explain.clone();
+    let mut st = Step::new(w.ts, StepKind::Wire, std::mem::take(&mut w.name));
+    st.rule = w.rule.take();
+    st.explain = std::mem::take(&mut w.explain);
     if !summarize && w.class == Class::Data && w.retrans {
         st.explain = "retransmission".into();
     }
@@ -1607,7 +1616,7 @@ fn wire_step(w: &Wire, isn: &[Option<u32>; 2], live: bool, summarize: bool) -> S
     }
     st.retransmission = w.retrans;
     if live {
-        st.observations = w.obs.clone();
+        st.observations = std::mem::take(&mut w.obs);
     }
     st
 }

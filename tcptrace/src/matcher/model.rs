@@ -5,6 +5,7 @@
 //! `null` on the top-level record (so every key is always there), while the
 //! per-step fields that only make sense for one kind of step are left out.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 
 use serde::Serialize;
@@ -160,10 +161,12 @@ pub struct Step {
     pub ts_ns: u64,
     pub rel_ns: u64,
     pub kind: StepKind,
-    pub name: String,
+    // Most names, rules and explanations are fixed text: borrowed, not
+    // allocated per step.
+    pub name: Cow<'static, str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-    pub explain: String,
+    pub rule: Option<Cow<'static, str>>,
+    pub explain: Cow<'static, str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<Side>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -217,14 +220,14 @@ pub struct Step {
 }
 
 impl Step {
-    pub(crate) fn new(ts_ns: u64, kind: StepKind, name: impl Into<String>) -> Self {
+    pub(crate) fn new(ts_ns: u64, kind: StepKind, name: impl Into<Cow<'static, str>>) -> Self {
         Step {
             ts_ns,
             rel_ns: 0,
             kind,
             name: name.into(),
             rule: None,
-            explain: String::new(),
+            explain: Cow::Borrowed(""),
             from: None,
             flags: None,
             seq: None,

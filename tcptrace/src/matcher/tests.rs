@@ -45,7 +45,7 @@ fn names(c: &Connection) -> Vec<&str> {
     c.steps
         .iter()
         .filter(|s| matches!(s.kind, StepKind::Wire | StepKind::Inferred))
-        .map(|s| s.name.as_str())
+        .map(|s| s.name.as_ref())
         .collect()
 }
 
@@ -709,7 +709,7 @@ fn scenario_details() {
     let a = c.anomaly(AnomalyKind::BadAck).expect("bad_ack");
     assert!(a.detail.contains("answered by RST"), "{}", a.detail);
     assert_eq!(
-        a.step.map(|i| c.steps[i].name.as_str()),
+        a.step.map(|i| c.steps[i].name.as_ref()),
         Some("SYN-ACK (bad ack)")
     );
 

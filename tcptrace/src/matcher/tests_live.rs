@@ -362,7 +362,7 @@ fn live_state_without_segment_and_segment_without_state() {
         .anomaly(AnomalyKind::SegmentWithoutState)
         .unwrap_or_else(|| panic!("{:#?}", c.anomalies));
     assert_eq!(a.side, Some(Side::Server));
-    assert_eq!(a.step.map(|i| c.steps[i].name.as_str()), Some("FIN"));
+    assert_eq!(a.step.map(|i| c.steps[i].name.as_ref()), Some("FIN"));
     assert!(
         !c.has_anomaly(AnomalyKind::StateWithoutSegment),
         "{:#?}",

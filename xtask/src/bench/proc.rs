@@ -1,5 +1,6 @@
-//! Child processes for the bench: the load generator and the tracers, with
-//! their CPU time and peak RSS taken from wait4(2)'s rusage.
+//! Child processes for the bench: the load generator, the tracers and the
+//! capture-file runs, with their CPU time and peak RSS taken from wait4(2)'s
+//! rusage.
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -92,6 +93,41 @@ pub struct Usage {
     pub sys_s: f64,
     pub maxrss_kb: u64,
     pub exit_ok: bool,
+}
+
+impl Usage {
+    /// From wait4(2)'s status and rusage.
+    fn of(status: i32, ru: &libc::rusage) -> Usage {
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        let (user_s, sys_s) = (tv(ru.ru_utime), tv(ru.ru_stime));
+        Usage {
+            cpu_s: user_s + sys_s,
+            user_s,
+            sys_s,
+            maxrss_kb: ru.ru_maxrss as u64,
+            exit_ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        }
+    }
+}
+
+/// Runs `bin ARGS` to its end, stdout and stderr into files, and returns its
+/// CPU time and peak RSS (wait4(2): the child's own, not ours).
+pub fn run_to_end(bin: &Path, args: &[&str], out: &Path, err: &Path) -> Result<Usage> {
+    let child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(File::create(out)?)
+        .stderr(File::create(err)?)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let mut st = 0;
+    // SAFETY: zeroed rusage is a valid out buffer.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out pointers; reaps our own child, which std never waits for.
+    if unsafe { libc::wait4(child.id() as i32, &mut st, 0, &mut ru) } < 0 {
+        bail!("wait4: {}", std::io::Error::last_os_error());
+    }
+    Ok(Usage::of(st, &ru))
 }
 
 fn cpus_online() -> usize {
@@ -245,15 +281,7 @@ impl Tracer {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.reaped = true;
-        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        let (user_s, sys_s) = (tv(ru.ru_utime), tv(ru.ru_stime));
-        Ok(Usage {
-            cpu_s: user_s + sys_s,
-            user_s,
-            sys_s,
-            maxrss_kb: ru.ru_maxrss as u64,
-            exit_ok: libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
-        })
+        Ok(Usage::of(st, &ru))
     }
 
     pub fn kill(&mut self) {
