@@ -768,7 +768,7 @@ fn storm_scenario(
                 format!("storm, {name}: no event lost"),
                 lost == 0 && missed == 0 && unaccounted == 0,
                 format!(
-                    "{delivered} of {expected} delivered, {lost} reported lost, {missed} skipped by the kernel (not reported by tcptrace), {unaccounted} unaccounted"
+                    "{delivered} of {expected} delivered, {lost} reported lost, {missed} skipped by the kernel (reported by tcptrace as lost), {unaccounted} unaccounted"
                 ),
             ));
             let want = if cfg == Cfg::Wire { 0.85 } else { 0.90 };
@@ -802,8 +802,8 @@ fn storm_scenario(
     md.push_str(
         "\n\"vs no tracer\" is the median of per-round ratios (each run against the no-tracer run of its round). \
          \"skipped by kernel\": runs of the tracer's BPF programs the kernel skipped because another BPF program was running on that CPU \
-         (recursion_misses in the programs' fdinfo): events lost without any counter the tracer reports. \
-         \"unaccounted\" = expected − delivered − reported lost − skipped. Tracer CPU is user+sys from wait4(2); \
+         (recursion_misses in the programs' fdinfo; tcptrace reports them in its summary as `missed`, tcpstates does not). \
+         \"lost (reported)\" is the ring-full count; \"unaccounted\" = expected − delivered − reported lost − skipped. Tracer CPU is user+sys from wait4(2); \
          the eBPF programs' own cost is charged to the storm and shows up in conn/s. \
          \"output settles\": how long after the storm the output file kept growing (tcptrace's connection records linger 0.5 s; \
          tcpstates' stdio buffer only reaches the file at exit).\n",
