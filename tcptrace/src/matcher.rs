@@ -483,8 +483,15 @@ impl Matcher {
         let key = Key::of(sc.saddr, sc.sport, sc.daddr, sc.dport, sc.netns);
         let id = match self.by_key.get(&key).copied() {
             Some(id) => {
-                let reuse =
-                    is_opening(sc) && self.conns.get(&id).is_some_and(|r| r.deadline.is_some());
+                // A finished record's 4-tuple opening again is the next
+                // connection on it, unless the state change is older than
+                // the record's end: then its ring was read late and it is
+                // a straggler of this very connection.
+                let reuse = is_opening(sc)
+                    && self
+                        .conns
+                        .get(&id)
+                        .is_some_and(|r| r.deadline.is_some() && sc.ts_ns > r.last_ts);
                 if reuse {
                     self.stats.port_reuse += 1;
                     out.extend(self.emit(id, EndReason::Closed));
