@@ -434,12 +434,14 @@ impl Matcher {
         let d = key.dir(SocketAddr::new(s.saddr, s.sport));
         let id = match self.by_key.get(&key).copied() {
             Some(id) => {
+                // A SYN older than the record's latest event comes from a
+                // ring read late: it opened this connection, whatever the
+                // kernel's states already say.
                 let reuse = s.flags.syn()
                     && !s.flags.ack()
-                    && self
-                        .conns
-                        .get(&id)
-                        .is_some_and(|r| r.progress.new_incarnation(d, s.seq));
+                    && self.conns.get(&id).is_some_and(|r| {
+                        r.progress.new_incarnation(d, s.seq) && s.ts_ns > r.last_ts
+                    });
                 if reuse {
                     self.stats.port_reuse += 1;
                     let reason = self.reason_for_superseded(id);
