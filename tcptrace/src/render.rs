@@ -2,9 +2,9 @@
 //! Lines), connection summaries and timelines (see [`crate::timeline`]).
 use std::fmt;
 use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use crate::event::{Event, Segment, StateChange};
+use crate::event::{Dir, Event, Family, Segment, StateChange, TcpOptions};
 use crate::matcher::Connection;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,16 +139,139 @@ fn write_segment_line<W: Write + ?Sized>(
 
 fn dir_word(s: &Segment) -> &'static str {
     match s.dir {
-        crate::event::Dir::Ingress => "ingress",
-        crate::event::Dir::Egress => "egress",
-        crate::event::Dir::Capture => "",
+        Dir::Ingress => "ingress",
+        Dir::Egress => "egress",
+        Dir::Capture => "",
     }
 }
 
 /// One JSON line: `{"type":"state",…}` or `{"type":"segment",…}`.
+///
+/// Written by hand, not through serde: these lines are most of a live
+/// trace's output, and serde_json escapes every key and goes through
+/// `fmt` for every number. Only `comm` and `iface` can hold characters that
+/// need escaping; the field order and spelling are the derived `Serialize`
+/// impls' (the public contract), which the tests hold this writer to.
 pub fn write_event_json<W: Write + ?Sized>(out: &mut W, ev: &Event) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, ev)?;
-    out.write_all(b"\n")
+    match ev {
+        Event::State(s) => write_state_json(out, s),
+        Event::Segment(s) => write_segment_json(out, s),
+    }
+}
+
+fn write_state_json<W: Write + ?Sized>(out: &mut W, s: &StateChange) -> io::Result<()> {
+    let mut n = itoa::Buffer::new();
+    out.write_all(b"{\"type\":\"state\",\"ts_ns\":")?;
+    out.write_all(n.format(s.ts_ns).as_bytes())?;
+    write!(out, ",\"skaddr\":\"{:#x}\",\"pid\":", s.skaddr)?;
+    out.write_all(n.format(s.pid).as_bytes())?;
+    out.write_all(b",\"comm\":")?;
+    json_str(out, &s.comm)?;
+    write_endpoints_json(out, s.family, s.saddr, s.sport, s.daddr, s.dport)?;
+    out.write_all(b",\"oldstate\":\"")?;
+    out.write_all(s.oldstate.name().as_bytes())?;
+    out.write_all(b"\",\"newstate\":\"")?;
+    out.write_all(s.newstate.name().as_bytes())?;
+    out.write_all(b"\",\"prev_state_ns\":")?;
+    out.write_all(n.format(s.prev_state_ns).as_bytes())?;
+    out.write_all(b",\"netns\":")?;
+    out.write_all(n.format(s.netns).as_bytes())?;
+    out.write_all(b"}\n")
+}
+
+fn write_segment_json<W: Write + ?Sized>(out: &mut W, s: &Segment) -> io::Result<()> {
+    let mut n = itoa::Buffer::new();
+    out.write_all(b"{\"type\":\"segment\",\"ts_ns\":")?;
+    out.write_all(n.format(s.ts_ns).as_bytes())?;
+    out.write_all(b",\"ifindex\":")?;
+    out.write_all(n.format(s.ifindex).as_bytes())?;
+    if let Some(iface) = &s.iface {
+        out.write_all(b",\"iface\":")?;
+        json_str(out, iface)?;
+    }
+    out.write_all(match s.dir {
+        Dir::Ingress => b",\"dir\":\"ingress\"",
+        Dir::Egress => b",\"dir\":\"egress\"",
+        Dir::Capture => b",\"dir\":\"capture\"",
+    })?;
+    write_endpoints_json(out, s.family, s.saddr, s.sport, s.daddr, s.dport)?;
+    write!(out, ",\"flags\":\"{}\",\"seq\":", s.flags)?;
+    out.write_all(n.format(s.seq).as_bytes())?;
+    out.write_all(b",\"ack\":")?;
+    out.write_all(n.format(s.ack).as_bytes())?;
+    out.write_all(b",\"win\":")?;
+    out.write_all(n.format(s.win).as_bytes())?;
+    out.write_all(b",\"len\":")?;
+    out.write_all(n.format(s.len).as_bytes())?;
+    out.write_all(b",\"options\":")?;
+    write_options_json(out, &s.options)?;
+    if s.netns != 0 {
+        out.write_all(b",\"netns\":")?;
+        out.write_all(n.format(s.netns).as_bytes())?;
+    }
+    out.write_all(b"}\n")
+}
+
+/// `"family":…,"saddr":…,"sport":…,"daddr":…,"dport":…`, shared by both kinds.
+fn write_endpoints_json<W: Write + ?Sized>(
+    out: &mut W,
+    family: Family,
+    saddr: IpAddr,
+    sport: u16,
+    daddr: IpAddr,
+    dport: u16,
+) -> io::Result<()> {
+    let mut n = itoa::Buffer::new();
+    out.write_all(match family {
+        Family::Ipv4 => b",\"family\":\"ipv4\"",
+        Family::Ipv6 => b",\"family\":\"ipv6\"",
+    })?;
+    write!(out, ",\"saddr\":\"{saddr}\",\"sport\":")?;
+    out.write_all(n.format(sport).as_bytes())?;
+    write!(out, ",\"daddr\":\"{daddr}\",\"dport\":")?;
+    out.write_all(n.format(dport).as_bytes())
+}
+
+fn write_options_json<W: Write + ?Sized>(out: &mut W, o: &TcpOptions) -> io::Result<()> {
+    let mut n = itoa::Buffer::new();
+    let mut sep = b'{';
+    let mut field = |out: &mut W, key: &[u8], value: &[u8]| {
+        out.write_all(&[sep, b'"'])?;
+        sep = b',';
+        out.write_all(key)?;
+        out.write_all(b"\":")?;
+        out.write_all(value)
+    };
+    if let Some(v) = o.mss {
+        field(out, b"mss", n.format(v).as_bytes())?;
+    }
+    if let Some(v) = o.wscale {
+        field(out, b"wscale", n.format(v).as_bytes())?;
+    }
+    if o.sack_ok {
+        field(out, b"sack_ok", b"true")?;
+    }
+    if let Some(v) = o.tsval {
+        field(out, b"tsval", n.format(v).as_bytes())?;
+    }
+    if let Some(v) = o.tsecr {
+        field(out, b"tsecr", n.format(v).as_bytes())?;
+    }
+    if sep == b'{' {
+        out.write_all(b"{")?;
+    }
+    out.write_all(b"}")
+}
+
+/// A JSON string; serde_json's escaping only when a byte needs it.
+fn json_str<W: Write + ?Sized>(out: &mut W, s: &str) -> io::Result<()> {
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        serde_json::to_writer(&mut *out, s)?;
+        return Ok(());
+    }
+    out.write_all(b"\"")?;
+    out.write_all(s.as_bytes())?;
+    out.write_all(b"\"")
 }
 
 /// One readable line: the transition, or the segment as tcpdump prints it.
@@ -181,7 +304,7 @@ pub fn connection<W: Write + ?Sized>(out: &mut W, mode: Mode, c: &Connection) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Dir, Family, TcpFlags, TcpOptions, TcpState};
+    use crate::event::{TcpFlags, TcpState};
 
     /// Live events of both kinds, with every optional field present.
     fn events() -> [Event; 2] {
@@ -244,6 +367,57 @@ mod tests {
                 "\n"
             )
         );
+    }
+
+    /// The hand-written lines against the derived `Serialize` impls, over
+    /// the variants the fixed-line test above does not show: a comm that
+    /// needs escaping, no iface, capture direction, netns 0, every option.
+    #[test]
+    fn json_lines_match_serde() {
+        let [Event::State(state), Event::Segment(segment)] = events() else {
+            unreachable!()
+        };
+        let mut cases = vec![Event::State(state.clone()), Event::Segment(segment.clone())];
+        for comm in ["a\"b\\c\n\u{1}", "é→", ""] {
+            cases.push(Event::State(StateChange {
+                comm: comm.into(),
+                saddr: "127.0.0.1".parse().expect("literal"),
+                daddr: "0.0.0.0".parse().expect("literal"),
+                oldstate: TcpState::Unknown(77),
+                prev_state_ns: 0,
+                ..state.clone()
+            }));
+        }
+        for (iface, dir, netns) in [(None, Dir::Capture, 0), (Some("we\"ird"), Dir::Ingress, 1)] {
+            cases.push(Event::Segment(Segment {
+                iface: iface.map(Into::into),
+                dir,
+                netns,
+                family: Family::Ipv6,
+                saddr: "::ffff:10.0.0.1".parse().expect("literal"),
+                daddr: "fe80::1".parse().expect("literal"),
+                flags: TcpFlags(0),
+                options: TcpOptions::default(),
+                ..segment.clone()
+            }));
+        }
+        cases.push(Event::Segment(Segment {
+            options: TcpOptions {
+                mss: Some(1460),
+                wscale: Some(7),
+                sack_ok: true,
+                tsval: Some(u32::MAX),
+                tsecr: Some(0),
+            },
+            ..segment
+        }));
+        for ev in &cases {
+            let mut ours = Vec::new();
+            write_event_json(&mut ours, ev).expect("writing to a Vec");
+            let mut want = serde_json::to_vec(ev).expect("serialising");
+            want.push(b'\n');
+            assert_eq!(String::from_utf8(ours), String::from_utf8(want));
+        }
     }
 
     #[test]
