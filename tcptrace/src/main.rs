@@ -172,8 +172,8 @@ fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
     let clock = Clock::epoch();
     let mut out = BufWriter::with_capacity(OUT_BUFFER, std::io::stdout().lock());
     let mut m = Matcher::new(MatcherConfig::default());
-    for ev in &cap.events {
-        emit_event(&mut out, mode, ev, &clock)?;
+    for ev in cap.events {
+        emit_event(&mut out, mode, &ev, &clock)?;
         for c in m.push(ev) {
             render::connection(&mut out, mode, &c)?;
         }
@@ -419,7 +419,7 @@ async fn run_live(
             }
             _ = flush.tick(), if matching && !order.is_empty() => {
                 for ev in order.take_older(monotonic_ns().saturating_sub(REORDER_NS.as_nanos() as u64)) {
-                    for c in matcher.push(&ev) {
+                    for c in matcher.push(ev) {
                         emit(&mut out, &c)?;
                     }
                 }
@@ -477,7 +477,7 @@ async fn run_live(
     }
     if matching {
         for ev in order.take_older(u64::MAX) {
-            for c in matcher.push(&ev) {
+            for c in matcher.push(ev) {
                 emit(&mut out, &c)?;
             }
         }
@@ -516,17 +516,18 @@ async fn run_live(
 /// other rings can be put before them.
 const REORDER_NS: Duration = Duration::from_millis(40);
 
-/// Events by (timestamp, arrival).
+/// Events in arrival order, put in time order when they are taken. Rings
+/// are drained in order, so the held events are a few sorted runs and a
+/// stable sort (which finds runs) costs about one pass, less than keeping a
+/// tree: ties keep their arrival order.
 #[derive(Default)]
 struct Reorder {
-    held: std::collections::BTreeMap<(u64, u64), Event>,
-    seq: u64,
+    held: Vec<Event>,
 }
 
 impl Reorder {
     fn push(&mut self, ev: Event) {
-        self.seq += 1;
-        self.held.insert((ev.ts_ns(), self.seq), ev);
+        self.held.push(ev);
     }
 
     fn is_empty(&self) -> bool {
@@ -535,13 +536,10 @@ impl Reorder {
 
     /// The events at or before `ts_ns`, oldest first.
     fn take_older(&mut self, ts_ns: u64) -> Vec<Event> {
-        let rest = match ts_ns.checked_add(1) {
-            Some(t) => self.held.split_off(&(t, 0)),
-            None => Default::default(),
-        };
+        self.held.sort_by_key(Event::ts_ns);
+        let n = self.held.partition_point(|e| e.ts_ns() <= ts_ns);
+        let rest = self.held.split_off(n);
         std::mem::replace(&mut self.held, rest)
-            .into_values()
-            .collect()
     }
 }
 

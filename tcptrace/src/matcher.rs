@@ -35,6 +35,7 @@ mod tests;
 mod tests_live;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
@@ -164,8 +165,10 @@ struct Progress {
     /// An RST that ends the connection (not the client's answer to a stale
     /// SYN-ACK, which leaves the handshake going).
     rst_final: bool,
-    /// skaddr → (ts, newstate) of its latest transition.
-    sockets: HashMap<u64, (u64, TcpState)>,
+    /// (skaddr, ts, newstate) of each socket's latest transition. A
+    /// connection has one or two traced sockets (client, server child): a
+    /// scan is cheaper than a map per record.
+    sockets: Vec<(u64, u64, TcpState)>,
 }
 
 fn seq_ge(a: u32, b: u32) -> bool {
@@ -249,9 +252,10 @@ impl Progress {
         if sc.newstate == TcpState::Established {
             self.established = true;
         }
-        let e = self.sockets.entry(sc.skaddr).or_insert((0, sc.newstate));
-        if sc.ts_ns >= e.0 {
-            *e = (sc.ts_ns, sc.newstate);
+        match self.sockets.iter_mut().find(|s| s.0 == sc.skaddr) {
+            Some(s) if sc.ts_ns >= s.1 => *s = (sc.skaddr, sc.ts_ns, sc.newstate),
+            Some(_) => {}
+            None => self.sockets.push((sc.skaddr, sc.ts_ns, sc.newstate)),
         }
     }
 
@@ -259,17 +263,46 @@ impl Progress {
         self.rst_final
             || (self.fin_acked[0] && self.fin_acked[1])
             || (!self.sockets.is_empty()
-                && self.sockets.values().all(|&(_, s)| s == TcpState::Close))
+                && self.sockets.iter().all(|&(_, _, s)| s == TcpState::Close))
     }
 
     fn socket_closed(&self, skaddr: u64) -> bool {
-        matches!(self.sockets.get(&skaddr), Some(&(_, TcpState::Close)))
+        self.sockets
+            .iter()
+            .any(|&(sk, _, s)| sk == skaddr && s == TcpState::Close)
     }
 
     /// A SYN with another ISN after the handshake (or the end) is the next
     /// incarnation of the 4-tuple, not a retransmission.
     fn new_incarnation(&self, d: usize, seq: u32) -> bool {
         (self.established || self.finished()) && self.syn_isn[d] != Some(seq)
+    }
+}
+
+/// Maps keyed by record ids and kernel socket addresses, values no remote
+/// peer chooses: std's SipHash, built to resist chosen keys, was a visible
+/// share of a saturated live run.
+type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+
+/// One multiply (the golden-ratio constant, as Fx and Fibonacci hashing
+/// use), then the well-mixed high bits rotated down: the table indexes by
+/// the low bits, and socket addresses are aligned, their low bits zero.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0.rotate_left(26)
     }
 }
 
@@ -293,14 +326,16 @@ struct Pending {
 pub struct Matcher {
     cfg: MatcherConfig,
     next_id: u64,
-    conns: HashMap<u64, Record>,
+    conns: IdMap<Record>,
+    /// SipHash (std's default) here: remote peers choose ports and
+    /// addresses, so a cheap hash could be driven into collisions.
     by_key: HashMap<Key, u64>,
-    by_sk: HashMap<u64, u64>,
+    by_sk: IdMap<u64>,
     /// (last event ts, id): the least recently active record first.
     by_last: BTreeSet<(u64, u64)>,
     /// (deadline, id) of finished records lingering for stragglers.
     lingering: BTreeSet<(u64, u64)>,
-    pending: HashMap<u64, Pending>,
+    pending: IdMap<Pending>,
     pending_order: VecDeque<u64>,
     clock: u64,
     stats: MatcherStats,
@@ -327,12 +362,12 @@ impl Matcher {
         Matcher {
             cfg,
             next_id: 0,
-            conns: HashMap::new(),
+            conns: IdMap::default(),
             by_key: HashMap::new(),
-            by_sk: HashMap::new(),
+            by_sk: IdMap::default(),
             by_last: BTreeSet::new(),
             lingering: BTreeSet::new(),
-            pending: HashMap::new(),
+            pending: IdMap::default(),
             pending_order: VecDeque::new(),
             clock: 0,
             stats: MatcherStats::default(),
@@ -353,7 +388,11 @@ impl Matcher {
     /// Adds one event; returns the connections that are now complete
     /// (finished and past their linger time by event time, superseded by a
     /// new incarnation, or evicted to stay within `max_connections`).
-    pub fn push(&mut self, ev: &Event) -> Vec<Connection> {
+    ///
+    /// Takes the event by value: it is kept in the connection's record, and
+    /// a copy per event would be an allocation (`comm`, `iface`) and a move
+    /// of the whole event more.
+    pub fn push(&mut self, ev: Event) -> Vec<Connection> {
         let mut out = Vec::new();
         self.stats.events += 1;
         self.clock = self.clock.max(ev.ts_ns());
@@ -429,7 +468,7 @@ impl Matcher {
         out
     }
 
-    fn push_segment(&mut self, s: &Segment, out: &mut Vec<Connection>) {
+    fn push_segment(&mut self, s: Segment, out: &mut Vec<Connection>) {
         let key = Key::of(s.saddr, s.sport, s.daddr, s.dport, s.netns);
         let d = key.dir(SocketAddr::new(s.saddr, s.sport));
         let id = match self.by_key.get(&key).copied() {
@@ -453,10 +492,10 @@ impl Matcher {
             }
             None => self.create(key, s.ts_ns, out),
         };
-        self.add(id, Event::Segment(s.clone()));
+        self.add(id, Event::Segment(s));
     }
 
-    fn push_state(&mut self, sc: &StateChange, out: &mut Vec<Connection>) {
+    fn push_state(&mut self, sc: StateChange, out: &mut Vec<Connection>) {
         if let Some(&id) = self.by_sk.get(&sc.skaddr) {
             // The kernel recycles socket memory: the address of a closed
             // socket comes back as the next connect() (CLOSE → SYN_SENT) or as
@@ -464,22 +503,22 @@ impl Matcher {
             // still lingers for stragglers. A socket's own events always carry
             // its 4-tuple, so another 4-tuple is another connection.
             let reused_socket = self.conns.get(&id).is_none_or(|r| {
-                (is_opening(sc) && r.progress.socket_closed(sc.skaddr))
-                    || (is_complete(sc)
+                (is_opening(&sc) && r.progress.socket_closed(sc.skaddr))
+                    || (is_complete(&sc)
                         && Key::of(sc.saddr, sc.sport, sc.daddr, sc.dport, sc.netns) != r.key)
             });
             if !reused_socket {
-                self.add(id, Event::State(sc.clone()));
+                self.add(id, Event::State(sc));
                 return;
             }
             self.by_sk.remove(&sc.skaddr);
         }
-        if !is_complete(sc) {
-            if is_listener_event(sc) {
+        if !is_complete(&sc) {
+            if is_listener_event(&sc) {
                 self.stats.listener_events += 1;
                 return;
             }
-            self.park(sc, out);
+            self.park(sc);
             return;
         }
         let key = Key::of(sc.saddr, sc.sport, sc.daddr, sc.dport, sc.netns);
@@ -489,7 +528,7 @@ impl Matcher {
                 // connection on it, unless the state change is older than
                 // the record's end: then its ring was read late and it is
                 // a straggler of this very connection.
-                let reuse = is_opening(sc)
+                let reuse = is_opening(&sc)
                     && self
                         .conns
                         .get(&id)
@@ -513,18 +552,17 @@ impl Matcher {
                 self.add(id, Event::State(e));
             }
         }
-        self.add(id, Event::State(sc.clone()));
+        self.add(id, Event::State(sc));
     }
 
-    fn park(&mut self, sc: &StateChange, out: &mut Vec<Connection>) {
-        let _ = out;
+    fn park(&mut self, sc: StateChange) {
         if let Some(p) = self.pending.get_mut(&sc.skaddr) {
+            p.last_ts = p.last_ts.max(sc.ts_ns);
             if p.events.len() < 64 {
-                p.events.push(sc.clone());
+                p.events.push(sc);
             } else {
                 self.stats.unresolved_state_events += 1;
             }
-            p.last_ts = p.last_ts.max(sc.ts_ns);
             return;
         }
         while self.pending.len() >= self.cfg.max_connections.max(1) {
@@ -535,14 +573,15 @@ impl Matcher {
                 self.stats.unresolved_state_events += p.events.len() as u64;
             }
         }
+        let skaddr = sc.skaddr;
         self.pending.insert(
-            sc.skaddr,
+            skaddr,
             Pending {
-                events: vec![sc.clone()],
                 last_ts: sc.ts_ns,
+                events: vec![sc],
             },
         );
-        self.pending_order.push_back(sc.skaddr);
+        self.pending_order.push_back(skaddr);
     }
 
     fn reason_for_superseded(&self, id: u64) -> EndReason {

@@ -14,7 +14,7 @@ fn run_cfg(events: &[Event], cfg: MatcherConfig) -> (Vec<Connection>, MatcherSta
     let mut m = Matcher::new(cfg);
     let mut out = Vec::new();
     for e in events {
-        out.extend(m.push(e));
+        out.extend(m.push(e.clone()));
     }
     out.extend(m.finish());
     (out, m.stats())
@@ -754,7 +754,7 @@ fn finished_connections_are_emitted_after_linger_by_event_time() {
     let mut m = Matcher::new(MatcherConfig::default());
     let mut emitted_at = None;
     for (i, e) in events.iter().enumerate() {
-        let out = m.push(e);
+        let out = m.push(e.clone());
         if !out.is_empty() {
             assert_eq!(out[0].close, Close::FourSegment);
             emitted_at = Some(i);

@@ -137,7 +137,7 @@ fn run(events: &[Event]) -> (Vec<Connection>, MatcherStats) {
     let mut m = Matcher::new(MatcherConfig::default());
     let mut out = Vec::new();
     for e in events {
-        out.extend(m.push(e));
+        out.extend(m.push(e.clone()));
     }
     out.extend(m.finish());
     (out, m.stats())
@@ -547,7 +547,7 @@ fn listener_events_never_create_connections() {
 fn idle_connections_expire_on_tick() {
     let mut m = Matcher::new(MatcherConfig::default());
     for e in seg(10, true, F::SYN, 1000, 0, 0) {
-        assert!(m.push(&e).is_empty());
+        assert!(m.push(e).is_empty());
     }
     assert!(m.tick(us(10) + 59_000_000_000).is_empty());
     let out = m.tick(us(10) + 61_000_000_000);
@@ -584,7 +584,7 @@ fn bounded_memory_evicts_the_least_recently_active() {
             options: TcpOptions::default(),
             netns: 0,
         });
-        let out = m.push(&ev);
+        let out = m.push(ev);
         for c in &out {
             assert_eq!(c.end_reason, EndReason::Evicted);
         }
@@ -624,7 +624,7 @@ fn per_connection_event_cap_counts_data_it_does_not_keep() {
     ev.extend(seg(5020, false, F::ACK, 5001 + 100_001, 1002, 0));
     let mut out = Vec::new();
     for e in &ev {
-        out.extend(m.push(e));
+        out.extend(m.push(e.clone()));
     }
     out.extend(m.finish());
     let c = &out[0];
@@ -692,7 +692,7 @@ fn random_event_soup_never_panics() {
             }
             e
         };
-        for c in m.push(&ev) {
+        for c in m.push(ev) {
             let _ = timeline::to_string(&c);
             let _ = serde_json::to_string(&c).expect("serialises");
         }
