@@ -269,8 +269,14 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
     Ok(0)
 }
 
+/// The ring readers run on their own worker thread, apart from matching and
+/// output (which run in `block_on` on the main thread): a burst of output
+/// work must not keep the rings from being drained, or the kernel drops
+/// events while tcptrace has CPU to spare.
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("tcptrace-ring")
         .enable_all()
         .build()?)
 }
@@ -358,7 +364,10 @@ async fn run_live(
     let clock = Clock::monotonic();
     let names = Arc::new(tracer.iface_names.clone());
     let stats = Arc::new(ReaderStats::default());
-    let (tx, mut rx) = mpsc::channel::<Vec<Event>>(1024);
+    // Bounds what waits between the readers and the matcher to
+    // QUEUED_BATCHES × reader::MAX_BATCH events (about 40 MB); past that the
+    // readers wait, the rings fill, and the kernel counts what it drops.
+    let (tx, mut rx) = mpsc::channel::<Vec<Event>>(QUEUED_BATCHES);
     for ring in rings {
         tokio::spawn(reader::read_ring(
             ring,
@@ -511,6 +520,8 @@ async fn run_live(
     );
     Ok(())
 }
+
+const QUEUED_BATCHES: usize = 256;
 
 /// How long events wait before they go to the matcher, so that those from
 /// other rings can be put before them.

@@ -29,24 +29,35 @@ pub async fn read_ring(
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)? };
     loop {
         let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        let mut batch = Vec::new();
-        while let Some(item) = ring.next() {
-            match decode::decode(&item, &names) {
-                Ok(ev) => batch.push(ev),
-                Err(e) => {
-                    if stats.undecodable.fetch_add(1, Ordering::Relaxed) == 0 {
-                        log::warn!("undecodable ring buffer record: {e}");
+        loop {
+            let ring = guard.get_inner_mut();
+            let mut batch = Vec::with_capacity(64);
+            while batch.len() < MAX_BATCH {
+                let Some(item) = ring.next() else { break };
+                match decode::decode(&item, &names) {
+                    Ok(ev) => batch.push(ev),
+                    Err(e) => {
+                        if stats.undecodable.fetch_add(1, Ordering::Relaxed) == 0 {
+                            log::warn!("undecodable ring buffer record: {e}");
+                        }
                     }
                 }
             }
+            let drained = batch.len() < MAX_BATCH;
+            if !batch.is_empty() && tx.send(batch).await.is_err() {
+                return Ok(()); // the consumer is gone: we are shutting down
+            }
+            if drained {
+                break;
+            }
         }
         guard.clear_ready();
-        if !batch.is_empty() && tx.send(batch).await.is_err() {
-            return Ok(()); // the consumer is gone: we are shutting down
-        }
     }
 }
+
+/// Events per batch: a full ring is taken in several, so that the queue to
+/// the matcher is bounded in events, not only in batches.
+pub const MAX_BATCH: usize = 1024;
 
 /// Forwards the eBPF programs' aya-log records to the `log` crate (RUST_LOG).
 pub async fn forward_logs(logger: crate::bpf::Logger) -> Result<()> {
