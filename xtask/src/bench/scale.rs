@@ -203,7 +203,7 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
          | events expected ({} + {} per connection) | {expected} |\n\
          | events delivered | {delivered} |\n\
          | events lost (reported) | {lost} |\n\
-         | events skipped by the kernel (BPF recursion_misses, not reported by tcptrace) | {missed} |\n\
+         | events skipped by the kernel (BPF recursion_misses of all its programs; tcptrace reports the state tracepoint's as `missed`) | {missed} |\n\
          | unaccounted | {unaccounted} |\n\
          | tracer CPU (user+sys) | {:.2} s |\n\
          | catch-up after open / close | {:.2} s / {:.2} s |\n\
