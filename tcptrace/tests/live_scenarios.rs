@@ -16,10 +16,11 @@ use serde_json::Value;
 const PORT: u16 = 8080;
 
 /// A client namespace, a server namespace, and tcptrace watching both
-/// (states and wire) for port 8080.
+/// (states and wire) for port 8080. Fields drop in order: tcptrace stops
+/// before its namespaces go, also when a test fails half-way.
 struct Lab {
-    net: NetPair,
     trace: Trace,
+    net: NetPair,
     server: SocketAddr,
 }
 
@@ -42,7 +43,7 @@ impl Lab {
         }
         .parse()
         .unwrap();
-        Lab { net, trace, server }
+        Lab { trace, net, server }
     }
 
     fn listen(&self) -> TcpListener {
