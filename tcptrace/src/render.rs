@@ -226,10 +226,36 @@ fn write_endpoints_json<W: Write + ?Sized>(
         Family::Ipv4 => b",\"family\":\"ipv4\"",
         Family::Ipv6 => b",\"family\":\"ipv6\"",
     })?;
-    write!(out, ",\"saddr\":\"{saddr}\",\"sport\":")?;
+    out.write_all(b",\"saddr\":\"")?;
+    write_ip(out, saddr)?;
+    out.write_all(b"\",\"sport\":")?;
     out.write_all(n.format(sport).as_bytes())?;
-    write!(out, ",\"daddr\":\"{daddr}\",\"dport\":")?;
+    out.write_all(b",\"daddr\":\"")?;
+    write_ip(out, daddr)?;
+    out.write_all(b"\",\"dport\":")?;
     out.write_all(n.format(dport).as_bytes())
+}
+
+/// An address as its `Display` prints it. IPv4 is written octet by octet:
+/// `Ipv4Addr`'s `Display` (padding support, a formatter per octet) was a
+/// visible share of every event line; IPv6's compression rules stay std's.
+fn write_ip<W: Write + ?Sized>(out: &mut W, ip: IpAddr) -> io::Result<()> {
+    let IpAddr::V4(v4) = ip else {
+        return write!(out, "{ip}");
+    };
+    let mut buf = [0u8; 15];
+    let mut len = 0;
+    let mut n = itoa::Buffer::new();
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        let digits = n.format(octet).as_bytes();
+        buf[len..len + digits.len()].copy_from_slice(digits);
+        len += digits.len();
+    }
+    out.write_all(&buf[..len])
 }
 
 fn write_options_json<W: Write + ?Sized>(out: &mut W, o: &TcpOptions) -> io::Result<()> {
@@ -331,7 +357,7 @@ mod tests {
             family: Family::Ipv4,
             saddr: "10.0.0.1".parse().expect("literal"),
             sport: 40000,
-            daddr: "10.0.0.2".parse().expect("literal"),
+            daddr: "192.168.255.2".parse().expect("literal"),
             dport: 80,
             flags: TcpFlags(TcpFlags::FIN | TcpFlags::PSH | TcpFlags::ACK),
             seq: 100,
@@ -363,7 +389,7 @@ mod tests {
             concat!(
                 r#"{"type":"state","ts_ns":1700000000123456789,"skaddr":"0xffff888012345678","pid":4242,"comm":"curl","family":"ipv6","saddr":"2001:db8::1","sport":40000,"daddr":"2001:db8::2","dport":80,"oldstate":"ESTABLISHED","newstate":"FIN_WAIT1","prev_state_ns":1234567,"netns":4026531840}"#,
                 "\n",
-                r#"{"type":"segment","ts_ns":5000001000,"ifindex":7,"iface":"veth0","dir":"egress","family":"ipv4","saddr":"10.0.0.1","sport":40000,"daddr":"10.0.0.2","dport":80,"flags":"FP.","seq":100,"ack":200,"win":502,"len":10,"options":{"tsval":1,"tsecr":2},"netns":4026532000}"#,
+                r#"{"type":"segment","ts_ns":5000001000,"ifindex":7,"iface":"veth0","dir":"egress","family":"ipv4","saddr":"10.0.0.1","sport":40000,"daddr":"192.168.255.2","dport":80,"flags":"FP.","seq":100,"ack":200,"win":502,"len":10,"options":{"tsval":1,"tsecr":2},"netns":4026532000}"#,
                 "\n"
             )
         );
@@ -428,7 +454,7 @@ mod tests {
         assert_eq!(
             written(|out, ev| write_event_line(out, ev, &clock)),
             "23:13:20.123456    4242 curl            [2001:db8::1]:40000 → [2001:db8::2]:80  ESTABLISHED → FIN_WAIT1  (1.235 ms in ESTABLISHED)\n\
-             01:00:05.000001 veth0 egress  IP 10.0.0.1.40000 > 10.0.0.2.80: Flags [FP.], seq 100:110, ack 200, win 502, options [TS val 1 ecr 2], length 10\n"
+             01:00:05.000001 veth0 egress  IP 10.0.0.1.40000 > 192.168.255.2.80: Flags [FP.], seq 100:110, ack 200, win 502, options [TS val 1 ecr 2], length 10\n"
         );
     }
 }
