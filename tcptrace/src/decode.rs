@@ -5,7 +5,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use tcptrace_common::{SegmentEvent, StateEvent, AF_INET, DIR_EGRESS, EVENT_SEGMENT, EVENT_STATE};
 
-use crate::event::{Dir, Event, Family, Segment, StateChange, TcpFlags, TcpOptions, TcpState};
+use crate::event::{
+    Comm, Dir, Event, Family, Segment, StateChange, TcpFlags, TcpOptions, TcpState,
+};
 
 /// Interface names by (netns inode, ifindex), known from attach time.
 pub type IfaceNames = HashMap<(u32, u32), String>;
@@ -61,12 +63,11 @@ pub fn decode(buf: &[u8], names: &IfaceNames) -> Result<Event, DecodeError> {
         None => Err(DecodeError::Empty),
         Some(&EVENT_STATE) => {
             let r: StateEvent = read(buf, EVENT_STATE)?;
-            let comm_len = r.comm.iter().position(|&c| c == 0).unwrap_or(r.comm.len());
             Ok(Event::State(StateChange {
                 ts_ns: r.ts_ns,
                 skaddr: r.skaddr,
                 pid: r.pid,
-                comm: String::from_utf8_lossy(&r.comm[..comm_len]).into_owned(),
+                comm: Comm::from_kernel(&r.comm),
                 family: family(r.family),
                 saddr: addr(r.family, &r.saddr),
                 sport: r.sport,

@@ -1,6 +1,7 @@
 //! The decoded event stream every stage after `decode` works on, whether it
 //! came from the kernel (live) or from a capture file (pcap).
 
+use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
@@ -256,6 +257,62 @@ impl fmt::Display for TcpOptions {
     }
 }
 
+/// A task's command name as the kernel keeps it (`TASK_COMM_LEN`: 16 bytes,
+/// NUL-padded). Inline and `Copy`: every state change and every kernel step
+/// carries one, and a `String` there was an allocation per event and per
+/// step. Bytes that are not UTF-8 print as U+FFFD, as they always did.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Comm([u8; 16]);
+
+impl Comm {
+    /// The kernel's bytes up to the first NUL (at most 16).
+    pub fn from_kernel(raw: &[u8]) -> Comm {
+        let len = raw
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(raw.len())
+            .min(16);
+        let mut b = [0; 16];
+        b[..len].copy_from_slice(&raw[..len]);
+        Comm(b)
+    }
+
+    pub fn as_str(&self) -> Cow<'_, str> {
+        let len = self.0.iter().position(|&c| c == 0).unwrap_or(16);
+        String::from_utf8_lossy(&self.0[..len])
+    }
+}
+
+impl From<&str> for Comm {
+    fn from(s: &str) -> Comm {
+        Comm::from_kernel(s.as_bytes())
+    }
+}
+
+impl PartialEq<&str> for Comm {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl fmt::Display for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.as_str())
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.as_str(), f)
+    }
+}
+
+impl Serialize for Comm {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.as_str())
+    }
+}
+
 /// One call of `sock:inet_sock_set_state` for a TCP socket.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StateChange {
@@ -264,7 +321,7 @@ pub struct StateChange {
     #[serde(serialize_with = "hex_addr")]
     pub skaddr: u64,
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub family: Family,
     pub saddr: IpAddr,
     pub sport: u16,
@@ -282,7 +339,8 @@ fn is_zero(v: &u32) -> bool {
     *v == 0
 }
 
-fn hex_addr<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+/// A kernel address as `0x…`, the way the kernel's tracepoints print it.
+pub(crate) fn hex_addr<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&format_args!("{v:#x}"))
 }
 
@@ -352,6 +410,14 @@ mod tests {
         for (bits, want) in cases {
             assert_eq!(TcpFlags(bits).to_string(), want, "flags {bits:#x}");
         }
+    }
+
+    #[test]
+    fn comm_prints_as_the_kernel_bytes_did() {
+        assert_eq!(Comm::from_kernel(b"curl\0\0stale"), "curl");
+        assert_eq!(Comm::from_kernel(b"0123456789abcdef"), "0123456789abcdef");
+        assert_eq!(Comm::from_kernel(&[b'a', 0xff, 0]).to_string(), "a\u{fffd}");
+        assert_eq!(format!("[{:<6}]", Comm::from("sh")), "[sh    ]");
     }
 
     #[test]

@@ -166,7 +166,7 @@ fn write_state_json<W: Write + ?Sized>(out: &mut W, s: &StateChange) -> io::Resu
     write!(out, ",\"skaddr\":\"{:#x}\",\"pid\":", s.skaddr)?;
     out.write_all(n.format(s.pid).as_bytes())?;
     out.write_all(b",\"comm\":")?;
-    json_str(out, &s.comm)?;
+    json_str(out, &s.comm.as_str())?;
     write_endpoints_json(out, s.family, s.saddr, s.sport, s.daddr, s.dport)?;
     out.write_all(b",\"oldstate\":\"")?;
     out.write_all(s.oldstate.name().as_bytes())?;

@@ -1150,12 +1150,12 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 );
                 st.explain = kernel_explain(sc.oldstate, sc.newstate, ks.side).into();
                 st.side = Some(ks.side);
-                st.skaddr = Some(format!("{:#x}", sc.skaddr));
+                st.skaddr = Some(sc.skaddr);
                 st.oldstate = Some(sc.oldstate);
                 st.newstate = Some(sc.newstate);
                 st.in_state_ns = ks.in_state;
                 st.pid = Some(sc.pid);
-                st.comm = Some(sc.comm.clone());
+                st.comm = Some(sc.comm);
                 st.netns = Some(sc.netns);
                 if let Some(c) = ks.cause {
                     cause_fixups.push((steps.len(), c));
@@ -1277,10 +1277,10 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 });
             }
             SocketStates {
-                skaddr: format!("{:#x}", s.skaddr),
+                skaddr: s.skaddr,
                 side: s.side,
                 pid: who.pid,
-                comm: who.comm.clone(),
+                comm: who.comm,
                 netns: who.netns,
                 states: spans,
             }

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::*;
-use crate::event::{Dir, Family, Segment, StateChange, TcpFlags as F, TcpOptions};
+use crate::event::{Comm, Dir, Family, Segment, StateChange, TcpFlags as F, TcpOptions};
 use crate::timeline;
 
 const NS_C: u32 = 4026531840;
@@ -276,10 +276,10 @@ fn live_time_in_states_per_socket() {
         .find(|s| s.side == Side::Client)
         .expect("client socket");
     assert_eq!(
-        (client.pid, client.comm.as_str(), client.netns),
-        (100, "curl", NS_C)
+        (client.pid, client.comm, client.netns),
+        (100, Comm::from("curl"), NS_C)
     );
-    assert_eq!(client.skaddr, "0xffff888000001000");
+    assert_eq!(client.skaddr, 0xffff_8880_0000_1000);
 }
 
 #[test]
@@ -666,7 +666,7 @@ fn random_event_soup_never_panics() {
                 ts_ns: ts,
                 skaddr: 0x1000 + (r >> 8) % 6,
                 pid: 0,
-                comm: String::new(),
+                comm: Comm::default(),
                 family: Family::Ipv4,
                 saddr: pick(4, 3),
                 sport: [0, 80, CPORT][((r >> 5) % 3) as usize],
