@@ -2,6 +2,7 @@
 //! wrote them) → [`Event`]s.
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use tcptrace_common::{SegmentEvent, StateEvent, AF_INET, DIR_EGRESS, EVENT_SEGMENT, EVENT_STATE};
 
@@ -9,8 +10,9 @@ use crate::event::{
     Comm, Dir, Event, Family, Segment, StateChange, TcpFlags, TcpOptions, TcpState,
 };
 
-/// Interface names by (netns inode, ifindex), known from attach time.
-pub type IfaceNames = HashMap<(u32, u32), String>;
+/// Interface names by (netns inode, ifindex), known from attach time. Shared,
+/// not copied, into every segment: a `String` per segment was an allocation.
+pub type IfaceNames = HashMap<(u32, u32), Arc<str>>;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum DecodeError {
@@ -189,7 +191,7 @@ mod tests {
             daddr: Ipv6Addr::LOCALHOST.octets(),
             options,
         };
-        let names = IfaceNames::from([((5, 1), "lo".to_string())]);
+        let names = IfaceNames::from([((5, 1), "lo".into())]);
         let Event::Segment(s) = decode(&bytes(&r), &names).unwrap() else {
             panic!("not a segment")
         };

@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -351,7 +352,7 @@ pub struct Segment {
     pub ifindex: u32,
     /// Interface name when known (live); absent for capture files.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub iface: Option<String>,
+    pub iface: Option<Arc<str>>,
     pub dir: Dir,
     pub family: Family,
     pub saddr: IpAddr,

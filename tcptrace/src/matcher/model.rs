@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -137,7 +138,7 @@ pub struct Observation {
     pub netns: u32,
     pub ifindex: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub iface: Option<String>,
+    pub iface: Option<Arc<str>>,
     pub dir: Dir,
     pub ts_ns: u64,
 }

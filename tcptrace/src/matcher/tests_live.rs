@@ -45,7 +45,7 @@ fn seg(t_us: u64, from_client: bool, flags: u8, seq: u32, ack: u32, len: u32) ->
         Event::Segment(Segment {
             ts_ns,
             ifindex,
-            iface: Some(format!("veth{ifindex}")),
+            iface: Some(format!("veth{ifindex}").into()),
             dir,
             family: Family::Ipv4,
             saddr,
