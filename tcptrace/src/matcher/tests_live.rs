@@ -704,3 +704,48 @@ fn random_event_soup_never_panics() {
         let _ = timeline::to_string(&c);
     }
 }
+
+/// The hand-written connection line against the derived `Serialize`, over
+/// kernel steps, two vantage points, data, TIME_WAIT, a retransmitted SYN
+/// with anomalies, a comm that needs escaping and an evicted half-open.
+#[test]
+fn connection_json_matches_serde() {
+    let mut events = full_conversation();
+    for e in &mut events {
+        if let Event::State(sc) = e {
+            if sc.pid != 0 {
+                sc.comm = "a\"b\\c\n".into();
+            }
+        }
+    }
+    let mut retx = seg(10, true, F::SYN, 1000, 0, 0);
+    retx.extend(seg(1_000_010, true, F::SYN, 1000, 0, 0));
+    for e in &mut retx {
+        if let Event::Segment(s) = e {
+            s.sport += 1;
+        }
+    }
+    events.extend(retx);
+    let conns = run(&events).0;
+    assert_eq!(conns.len(), 2);
+    let mut all = String::new();
+    for c in &conns {
+        let mut got = Vec::new();
+        crate::render::connection(&mut got, crate::render::Mode::Json, c).expect("to a Vec");
+        let want = serde_json::to_string(c).expect("serialises") + "\n";
+        assert_eq!(String::from_utf8(got).expect("UTF-8"), want);
+        all += &want;
+    }
+    for key in [
+        "\"observations\"",
+        "\"skaddr\"",
+        "\"comm\":\"a\\\"b",
+        "\"matched_step\"",
+        "\"retransmission\":true",
+        "\"bytes_client\"",
+        "\"time_wait\":{",
+        "\"handshake_rtt_ns\":null",
+    ] {
+        assert!(all.contains(key), "{key} not covered");
+    }
+}
