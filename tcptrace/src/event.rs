@@ -2,7 +2,7 @@
 //! came from the kernel (live) or from a capture file (pcap).
 
 use std::borrow::Cow;
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -138,30 +138,38 @@ impl TcpFlags {
     pub fn ack(self) -> bool {
         self.has(Self::ACK)
     }
+
+    /// tcpdump's letters in its order: F S R P . U E W (`S.` for SYN-ACK,
+    /// `.` for a bare ACK), `none` without flags. Written into `buf` in one
+    /// go: every event line prints them, a formatter call per letter showed.
+    pub fn tcpdump(self, buf: &mut [u8; 8]) -> &str {
+        const LETTERS: [(u8, u8); 8] = [
+            (TcpFlags::FIN, b'F'),
+            (TcpFlags::SYN, b'S'),
+            (TcpFlags::RST, b'R'),
+            (TcpFlags::PSH, b'P'),
+            (TcpFlags::ACK, b'.'),
+            (TcpFlags::URG, b'U'),
+            (TcpFlags::ECE, b'E'),
+            (TcpFlags::CWR, b'W'),
+        ];
+        if self.0 == 0 {
+            return "none";
+        }
+        let mut len = 0;
+        for (bit, c) in LETTERS {
+            if self.has(bit) {
+                buf[len] = c;
+                len += 1;
+            }
+        }
+        std::str::from_utf8(&buf[..len]).expect("ASCII letters")
+    }
 }
 
 impl fmt::Display for TcpFlags {
-    /// tcpdump's order: F S R P . U E W (`S.` for SYN-ACK, `.` for a bare ACK).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const LETTERS: [(u8, char); 8] = [
-            (TcpFlags::FIN, 'F'),
-            (TcpFlags::SYN, 'S'),
-            (TcpFlags::RST, 'R'),
-            (TcpFlags::PSH, 'P'),
-            (TcpFlags::ACK, '.'),
-            (TcpFlags::URG, 'U'),
-            (TcpFlags::ECE, 'E'),
-            (TcpFlags::CWR, 'W'),
-        ];
-        if self.0 == 0 {
-            return f.write_str("none");
-        }
-        for (bit, c) in LETTERS {
-            if self.has(bit) {
-                f.write_char(c)?;
-            }
-        }
-        Ok(())
+        f.write_str(self.tcpdump(&mut [0; 8]))
     }
 }
 

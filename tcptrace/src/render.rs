@@ -195,7 +195,9 @@ fn write_segment_json<W: Write + ?Sized>(out: &mut W, s: &Segment) -> io::Result
         Dir::Capture => b",\"dir\":\"capture\"",
     })?;
     write_endpoints_json(out, s.family, s.saddr, s.sport, s.daddr, s.dport)?;
-    write!(out, ",\"flags\":\"{}\",\"seq\":", s.flags)?;
+    out.write_all(b",\"flags\":\"")?;
+    out.write_all(s.flags.tcpdump(&mut [0; 8]).as_bytes())?;
+    out.write_all(b"\",\"seq\":")?;
     out.write_all(n.format(s.seq).as_bytes())?;
     out.write_all(b",\"ack\":")?;
     out.write_all(n.format(s.ack).as_bytes())?;
