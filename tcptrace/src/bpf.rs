@@ -82,7 +82,7 @@ pub struct Tracer {
     home: Netns,
     instances: Vec<Instance>,
     /// (netns inode, ifindex) → interface name, for output.
-    pub iface_names: HashMap<(u32, u32), String>,
+    pub iface_names: crate::decode::IfaceNames,
     pub uses_tcx: bool,
     state_file: Option<PathBuf>,
     /// Readers of the kernel side's aya-log ring, for [`crate::reader::forward_logs`].
@@ -293,7 +293,7 @@ impl Tracer {
                     attach_wire(att, &cfg.ifaces, &mut matched, uses_tcx)
                 })?;
                 for (idx, name) in names {
-                    tracer.iface_names.insert((netns.inode, idx), name);
+                    tracer.iface_names.insert((netns.inode, idx), name.into());
                 }
             }
             if explicit {

@@ -2,13 +2,17 @@
 //! wrote them) → [`Event`]s.
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use tcptrace_common::{SegmentEvent, StateEvent, AF_INET, DIR_EGRESS, EVENT_SEGMENT, EVENT_STATE};
 
-use crate::event::{Dir, Event, Family, Segment, StateChange, TcpFlags, TcpOptions, TcpState};
+use crate::event::{
+    Comm, Dir, Event, Family, Segment, StateChange, TcpFlags, TcpOptions, TcpState,
+};
 
-/// Interface names by (netns inode, ifindex), known from attach time.
-pub type IfaceNames = HashMap<(u32, u32), String>;
+/// Interface names by (netns inode, ifindex), known from attach time. Shared,
+/// not copied, into every segment: a `String` per segment was an allocation.
+pub type IfaceNames = HashMap<(u32, u32), Arc<str>>;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum DecodeError {
@@ -61,12 +65,11 @@ pub fn decode(buf: &[u8], names: &IfaceNames) -> Result<Event, DecodeError> {
         None => Err(DecodeError::Empty),
         Some(&EVENT_STATE) => {
             let r: StateEvent = read(buf, EVENT_STATE)?;
-            let comm_len = r.comm.iter().position(|&c| c == 0).unwrap_or(r.comm.len());
             Ok(Event::State(StateChange {
                 ts_ns: r.ts_ns,
                 skaddr: r.skaddr,
                 pid: r.pid,
-                comm: String::from_utf8_lossy(&r.comm[..comm_len]).into_owned(),
+                comm: Comm::from_kernel(&r.comm),
                 family: family(r.family),
                 saddr: addr(r.family, &r.saddr),
                 sport: r.sport,
@@ -188,7 +191,7 @@ mod tests {
             daddr: Ipv6Addr::LOCALHOST.octets(),
             options,
         };
-        let names = IfaceNames::from([((5, 1), "lo".to_string())]);
+        let names = IfaceNames::from([((5, 1), "lo".into())]);
         let Event::Segment(s) = decode(&bytes(&r), &names).unwrap() else {
             panic!("not a segment")
         };

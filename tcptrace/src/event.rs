@@ -1,8 +1,10 @@
 //! The decoded event stream every stage after `decode` works on, whether it
 //! came from the kernel (live) or from a capture file (pcap).
 
-use std::fmt::{self, Write as _};
+use std::borrow::Cow;
+use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -136,30 +138,38 @@ impl TcpFlags {
     pub fn ack(self) -> bool {
         self.has(Self::ACK)
     }
+
+    /// tcpdump's letters in its order: F S R P . U E W (`S.` for SYN-ACK,
+    /// `.` for a bare ACK), `none` without flags. Written into `buf` in one
+    /// go: every event line prints them, a formatter call per letter showed.
+    pub fn tcpdump(self, buf: &mut [u8; 8]) -> &str {
+        const LETTERS: [(u8, u8); 8] = [
+            (TcpFlags::FIN, b'F'),
+            (TcpFlags::SYN, b'S'),
+            (TcpFlags::RST, b'R'),
+            (TcpFlags::PSH, b'P'),
+            (TcpFlags::ACK, b'.'),
+            (TcpFlags::URG, b'U'),
+            (TcpFlags::ECE, b'E'),
+            (TcpFlags::CWR, b'W'),
+        ];
+        if self.0 == 0 {
+            return "none";
+        }
+        let mut len = 0;
+        for (bit, c) in LETTERS {
+            if self.has(bit) {
+                buf[len] = c;
+                len += 1;
+            }
+        }
+        std::str::from_utf8(&buf[..len]).expect("ASCII letters")
+    }
 }
 
 impl fmt::Display for TcpFlags {
-    /// tcpdump's order: F S R P . U E W (`S.` for SYN-ACK, `.` for a bare ACK).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const LETTERS: [(u8, char); 8] = [
-            (TcpFlags::FIN, 'F'),
-            (TcpFlags::SYN, 'S'),
-            (TcpFlags::RST, 'R'),
-            (TcpFlags::PSH, 'P'),
-            (TcpFlags::ACK, '.'),
-            (TcpFlags::URG, 'U'),
-            (TcpFlags::ECE, 'E'),
-            (TcpFlags::CWR, 'W'),
-        ];
-        if self.0 == 0 {
-            return f.write_str("none");
-        }
-        for (bit, c) in LETTERS {
-            if self.has(bit) {
-                f.write_char(c)?;
-            }
-        }
-        Ok(())
+        f.write_str(self.tcpdump(&mut [0; 8]))
     }
 }
 
@@ -256,6 +266,62 @@ impl fmt::Display for TcpOptions {
     }
 }
 
+/// A task's command name as the kernel keeps it (`TASK_COMM_LEN`: 16 bytes,
+/// NUL-padded). Inline and `Copy`: every state change and every kernel step
+/// carries one, and a `String` there was an allocation per event and per
+/// step. Bytes that are not UTF-8 print as U+FFFD, as they always did.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Comm([u8; 16]);
+
+impl Comm {
+    /// The kernel's bytes up to the first NUL (at most 16).
+    pub fn from_kernel(raw: &[u8]) -> Comm {
+        let len = raw
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(raw.len())
+            .min(16);
+        let mut b = [0; 16];
+        b[..len].copy_from_slice(&raw[..len]);
+        Comm(b)
+    }
+
+    pub fn as_str(&self) -> Cow<'_, str> {
+        let len = self.0.iter().position(|&c| c == 0).unwrap_or(16);
+        String::from_utf8_lossy(&self.0[..len])
+    }
+}
+
+impl From<&str> for Comm {
+    fn from(s: &str) -> Comm {
+        Comm::from_kernel(s.as_bytes())
+    }
+}
+
+impl PartialEq<&str> for Comm {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl fmt::Display for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.as_str())
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.as_str(), f)
+    }
+}
+
+impl Serialize for Comm {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.as_str())
+    }
+}
+
 /// One call of `sock:inet_sock_set_state` for a TCP socket.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StateChange {
@@ -264,7 +330,7 @@ pub struct StateChange {
     #[serde(serialize_with = "hex_addr")]
     pub skaddr: u64,
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub family: Family,
     pub saddr: IpAddr,
     pub sport: u16,
@@ -282,7 +348,8 @@ fn is_zero(v: &u32) -> bool {
     *v == 0
 }
 
-fn hex_addr<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+/// A kernel address as `0x…`, the way the kernel's tracepoints print it.
+pub(crate) fn hex_addr<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&format_args!("{v:#x}"))
 }
 
@@ -293,7 +360,7 @@ pub struct Segment {
     pub ifindex: u32,
     /// Interface name when known (live); absent for capture files.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub iface: Option<String>,
+    pub iface: Option<Arc<str>>,
     pub dir: Dir,
     pub family: Family,
     pub saddr: IpAddr,
@@ -352,6 +419,14 @@ mod tests {
         for (bits, want) in cases {
             assert_eq!(TcpFlags(bits).to_string(), want, "flags {bits:#x}");
         }
+    }
+
+    #[test]
+    fn comm_prints_as_the_kernel_bytes_did() {
+        assert_eq!(Comm::from_kernel(b"curl\0\0stale"), "curl");
+        assert_eq!(Comm::from_kernel(b"0123456789abcdef"), "0123456789abcdef");
+        assert_eq!(Comm::from_kernel(&[b'a', 0xff, 0]).to_string(), "a\u{fffd}");
+        assert_eq!(format!("[{:<6}]", Comm::from("sh")), "[sh    ]");
     }
 
     #[test]

@@ -34,7 +34,8 @@ mod tests;
 #[cfg(test)]
 mod tests_live;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, SocketAddr};
 
@@ -331,10 +332,15 @@ pub struct Matcher {
     /// addresses, so a cheap hash could be driven into collisions.
     by_key: HashMap<Key, u64>,
     by_sk: IdMap<u64>,
-    /// (last event ts, id): the least recently active record first.
-    by_last: BTreeSet<(u64, u64)>,
-    /// (deadline, id) of finished records lingering for stragglers.
-    lingering: BTreeSet<(u64, u64)>,
+    /// (last event ts, id), least recently active first. Entries are never
+    /// removed in place (an ordered set's remove + insert on every event was
+    /// a visible share of the profile): a new entry is pushed when a record's
+    /// `last_ts` moves, and one whose record is gone or has moved on is stale,
+    /// skipped by [`Matcher::least_recent`] and dropped on compaction.
+    by_last: BinaryHeap<Reverse<(u64, u64)>>,
+    /// (deadline, id) of finished records lingering for stragglers; an
+    /// entry whose record was emitted otherwise is skipped when it expires.
+    lingering: BinaryHeap<Reverse<(u64, u64)>>,
     pending: IdMap<Pending>,
     pending_order: VecDeque<u64>,
     clock: u64,
@@ -365,8 +371,8 @@ impl Matcher {
             conns: IdMap::default(),
             by_key: HashMap::new(),
             by_sk: IdMap::default(),
-            by_last: BTreeSet::new(),
-            lingering: BTreeSet::new(),
+            by_last: BinaryHeap::new(),
+            lingering: BinaryHeap::new(),
             pending: IdMap::default(),
             pending_order: VecDeque::new(),
             clock: 0,
@@ -418,7 +424,7 @@ impl Matcher {
         self.clock = self.clock.max(now_ns);
         self.expire_lingering(now_ns, &mut out);
         let idle = self.cfg.idle_timeout_ns;
-        while let Some(&(last, id)) = self.by_last.first() {
+        while let Some((last, id)) = self.least_recent() {
             if last.saturating_add(idle) > now_ns {
                 break;
             }
@@ -593,7 +599,7 @@ impl Matcher {
 
     fn create(&mut self, key: Key, ts: u64, out: &mut Vec<Connection>) -> u64 {
         while self.conns.len() >= self.cfg.max_connections.max(1) {
-            let Some(&(_, victim)) = self.by_last.first() else {
+            let Some((_, victim)) = self.least_recent() else {
                 break;
             };
             let finished = self
@@ -626,8 +632,34 @@ impl Matcher {
             },
         );
         self.by_key.insert(key, id);
-        self.by_last.insert((ts, id));
+        self.by_last.push(Reverse((ts, id)));
         id
+    }
+
+    /// The least recently active record's (last event ts, id), dropping
+    /// stale entries on the way.
+    fn least_recent(&mut self) -> Option<(u64, u64)> {
+        while let Some(&Reverse((last, id))) = self.by_last.peek() {
+            if self.conns.get(&id).is_some_and(|r| r.last_ts == last) {
+                return Some((last, id));
+            }
+            self.by_last.pop();
+        }
+        None
+    }
+
+    /// Records that only ever move forward leave stale entries behind:
+    /// rebuilt from the records once stale ones outnumber them, so memory
+    /// stays proportional to the records held (amortised O(1) per event).
+    fn note_activity(&mut self, id: u64, last_ts: u64) {
+        self.by_last.push(Reverse((last_ts, id)));
+        if self.by_last.len() > 2 * self.conns.len() + 64 {
+            self.by_last = self
+                .conns
+                .iter()
+                .map(|(&id, r)| Reverse((r.last_ts, id)))
+                .collect();
+        }
     }
 
     fn add(&mut self, id: u64, ev: Event) {
@@ -637,13 +669,9 @@ impl Matcher {
             return;
         };
         let ts = ev.ts_ns();
-        let old_last = r.last_ts;
         r.first_ts = r.first_ts.min(ts);
+        let moved = ts > r.last_ts;
         r.last_ts = r.last_ts.max(ts);
-        if r.last_ts != old_last {
-            self.by_last.remove(&(old_last, id));
-            self.by_last.insert((r.last_ts, id));
-        }
         match &ev {
             Event::Segment(s) => {
                 let d = r.key.dir(SocketAddr::new(s.saddr, s.sport));
@@ -684,16 +712,19 @@ impl Matcher {
         if r.deadline.is_none() && r.progress.finished() {
             let deadline = r.last_ts.saturating_add(linger);
             r.deadline = Some(deadline);
-            self.lingering.insert((deadline, id));
+            self.lingering.push(Reverse((deadline, id)));
+        }
+        if moved {
+            self.note_activity(id, ts);
         }
     }
 
     fn expire_lingering(&mut self, now: u64, out: &mut Vec<Connection>) {
-        while let Some(&(deadline, id)) = self.lingering.first() {
+        while let Some(&Reverse((deadline, id))) = self.lingering.peek() {
             if deadline > now {
                 break;
             }
-            self.lingering.pop_first();
+            self.lingering.pop();
             out.extend(self.emit(id, EndReason::Closed));
         }
     }
@@ -707,10 +738,6 @@ impl Matcher {
             if self.by_sk.get(sk) == Some(&id) {
                 self.by_sk.remove(sk);
             }
-        }
-        self.by_last.remove(&(r.last_ts, id));
-        if let Some(d) = r.deadline {
-            self.lingering.remove(&(d, id));
         }
         self.stats.emitted += 1;
         Some(analyze::analyze(

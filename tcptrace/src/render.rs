@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 
 use crate::event::{Dir, Event, Family, Segment, StateChange, TcpOptions};
-use crate::matcher::Connection;
+use crate::matcher::{Connection, Step};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -166,7 +166,7 @@ fn write_state_json<W: Write + ?Sized>(out: &mut W, s: &StateChange) -> io::Resu
     write!(out, ",\"skaddr\":\"{:#x}\",\"pid\":", s.skaddr)?;
     out.write_all(n.format(s.pid).as_bytes())?;
     out.write_all(b",\"comm\":")?;
-    json_str(out, &s.comm)?;
+    json_str(out, &s.comm.as_str())?;
     write_endpoints_json(out, s.family, s.saddr, s.sport, s.daddr, s.dport)?;
     out.write_all(b",\"oldstate\":\"")?;
     out.write_all(s.oldstate.name().as_bytes())?;
@@ -195,7 +195,9 @@ fn write_segment_json<W: Write + ?Sized>(out: &mut W, s: &Segment) -> io::Result
         Dir::Capture => b",\"dir\":\"capture\"",
     })?;
     write_endpoints_json(out, s.family, s.saddr, s.sport, s.daddr, s.dport)?;
-    write!(out, ",\"flags\":\"{}\",\"seq\":", s.flags)?;
+    out.write_all(b",\"flags\":\"")?;
+    out.write_all(s.flags.tcpdump(&mut [0; 8]).as_bytes())?;
+    out.write_all(b"\",\"seq\":")?;
     out.write_all(n.format(s.seq).as_bytes())?;
     out.write_all(b",\"ack\":")?;
     out.write_all(n.format(s.ack).as_bytes())?;
@@ -226,10 +228,36 @@ fn write_endpoints_json<W: Write + ?Sized>(
         Family::Ipv4 => b",\"family\":\"ipv4\"",
         Family::Ipv6 => b",\"family\":\"ipv6\"",
     })?;
-    write!(out, ",\"saddr\":\"{saddr}\",\"sport\":")?;
+    out.write_all(b",\"saddr\":\"")?;
+    write_ip(out, saddr)?;
+    out.write_all(b"\",\"sport\":")?;
     out.write_all(n.format(sport).as_bytes())?;
-    write!(out, ",\"daddr\":\"{daddr}\",\"dport\":")?;
+    out.write_all(b",\"daddr\":\"")?;
+    write_ip(out, daddr)?;
+    out.write_all(b"\",\"dport\":")?;
     out.write_all(n.format(dport).as_bytes())
+}
+
+/// An address as its `Display` prints it. IPv4 is written octet by octet:
+/// `Ipv4Addr`'s `Display` (padding support, a formatter per octet) was a
+/// visible share of every event line; IPv6's compression rules stay std's.
+fn write_ip<W: Write + ?Sized>(out: &mut W, ip: IpAddr) -> io::Result<()> {
+    let IpAddr::V4(v4) = ip else {
+        return write!(out, "{ip}");
+    };
+    let mut buf = [0u8; 15];
+    let mut len = 0;
+    let mut n = itoa::Buffer::new();
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        let digits = n.format(octet).as_bytes();
+        buf[len..len + digits.len()].copy_from_slice(digits);
+        len += digits.len();
+    }
+    out.write_all(&buf[..len])
 }
 
 fn write_options_json<W: Write + ?Sized>(out: &mut W, o: &TcpOptions) -> io::Result<()> {
@@ -263,6 +291,163 @@ fn write_options_json<W: Write + ?Sized>(out: &mut W, o: &TcpOptions) -> io::Res
     out.write_all(b"}")
 }
 
+/// `,"key":value` pairs of a JSON object whose first key is already out;
+/// keys are fixed ASCII, written as bytes.
+struct Fields<'a, W: ?Sized> {
+    out: &'a mut W,
+    n: itoa::Buffer,
+}
+
+impl<W: Write + ?Sized> Fields<'_, W> {
+    fn key(&mut self, key: &str) -> io::Result<()> {
+        self.out.write_all(b",\"")?;
+        self.out.write_all(key.as_bytes())?;
+        self.out.write_all(b"\":")
+    }
+
+    fn int<T: itoa::Integer>(&mut self, key: &str, v: T) -> io::Result<()> {
+        self.key(key)?;
+        self.out.write_all(self.n.format(v).as_bytes())
+    }
+
+    /// Left out when absent (the per-step fields).
+    fn some<T: itoa::Integer>(&mut self, key: &str, v: Option<T>) -> io::Result<()> {
+        v.map_or(Ok(()), |v| self.int(key, v))
+    }
+
+    /// `null` when absent (the top-level fields, always present).
+    fn nullable<T: itoa::Integer>(&mut self, key: &str, v: Option<T>) -> io::Result<()> {
+        match v {
+            Some(v) => self.int(key, v),
+            None => {
+                self.key(key)?;
+                self.out.write_all(b"null")
+            }
+        }
+    }
+
+    fn str(&mut self, key: &str, v: &str) -> io::Result<()> {
+        self.key(key)?;
+        json_str(self.out, v)
+    }
+
+    /// A value that needs no escaping, as its `Display` prints it.
+    fn display(&mut self, key: &str, v: impl fmt::Display) -> io::Result<()> {
+        self.key(key)?;
+        write!(self.out, "\"{v}\"")
+    }
+
+    /// The rarer nested parts, through their derived `Serialize`.
+    fn serde(&mut self, key: &str, v: &impl serde::Serialize) -> io::Result<()> {
+        self.key(key)?;
+        serde_json::to_writer(&mut *self.out, v).map_err(io::Error::from)
+    }
+}
+
+/// The connection line, byte for byte what the derived `Serialize` writes
+/// (`connection_json_matches_serde` checks it): serde_json's per-key
+/// escaping and dispatch were most of the JSON output's cost, and every
+/// step repeats a dozen keys.
+fn write_connection_json<W: Write + ?Sized>(out: &mut W, c: &Connection) -> io::Result<()> {
+    out.write_all(b"{\"type\":")?;
+    json_str(out, c.record_type)?;
+    let mut f = Fields {
+        out,
+        n: itoa::Buffer::new(),
+    };
+    f.display("client", c.client)?;
+    f.display("server", c.server)?;
+    f.serde("family", &c.family)?;
+    f.some("netns", c.netns)?;
+    f.nullable("isn_client", c.isn_client)?;
+    f.nullable("isn_server", c.isn_server)?;
+    f.nullable("handshake_rtt_ns", c.handshake_rtt_ns)?;
+    f.nullable("handshake_rtt_server_ns", c.handshake_rtt_server_ns)?;
+    f.nullable("bytes_client", c.bytes_client)?;
+    f.nullable("bytes_server", c.bytes_server)?;
+    f.serde("open", &c.open)?;
+    f.serde("close", &c.close)?;
+    f.serde("closed_by", &c.closed_by)?;
+    f.int("first_ts_ns", c.first_ts_ns)?;
+    f.int("last_ts_ns", c.last_ts_ns)?;
+    f.int("duration_ns", c.duration_ns)?;
+    f.serde("end_reason", &c.end_reason)?;
+    f.int("segments", c.segments)?;
+    f.int("retransmissions", c.retransmissions)?;
+    f.serde("views", &c.views)?;
+    f.key("steps")?;
+    for (i, st) in c.steps.iter().enumerate() {
+        f.out.write_all(if i == 0 { b"[" } else { b"," })?;
+        write_step_json(&mut f, st)?;
+    }
+    f.out
+        .write_all(if c.steps.is_empty() { b"[]" } else { b"]" })?;
+    f.serde("anomalies", &c.anomalies)?;
+    f.serde("states", &c.states)?;
+    f.serde("time_wait", &c.time_wait)?;
+    f.out.write_all(b"}\n")
+}
+
+fn write_step_json<W: Write + ?Sized>(f: &mut Fields<'_, W>, st: &Step) -> io::Result<()> {
+    f.out.write_all(b"{\"ts_ns\":")?;
+    f.out.write_all(f.n.format(st.ts_ns).as_bytes())?;
+    f.int("rel_ns", st.rel_ns)?;
+    f.serde("kind", &st.kind)?;
+    f.str("name", &st.name)?;
+    if let Some(rule) = &st.rule {
+        f.str("rule", rule)?;
+    }
+    f.str("explain", &st.explain)?;
+    if let Some(from) = st.from {
+        f.serde("from", &from)?;
+    }
+    if let Some(flags) = st.flags {
+        f.display("flags", flags)?;
+    }
+    f.some("seq", st.seq)?;
+    f.some("ack", st.ack)?;
+    f.some("rel_seq", st.rel_seq)?;
+    f.some("rel_ack", st.rel_ack)?;
+    f.some("len", st.len)?;
+    f.some("win", st.win)?;
+    if let Some(o) = &st.options {
+        f.key("options")?;
+        write_options_json(f.out, o)?;
+    }
+    if st.retransmission {
+        f.key("retransmission")?;
+        f.out.write_all(b"true")?;
+    }
+    if !st.observations.is_empty() {
+        f.serde("observations", &st.observations)?;
+    }
+    if let Some(side) = st.side {
+        f.serde("side", &side)?;
+    }
+    if let Some(sk) = st.skaddr {
+        f.display("skaddr", format_args!("{sk:#x}"))?;
+    }
+    if let Some(s) = st.oldstate {
+        f.display("oldstate", s)?;
+    }
+    if let Some(s) = st.newstate {
+        f.display("newstate", s)?;
+    }
+    f.some("in_state_ns", st.in_state_ns)?;
+    f.some("pid", st.pid)?;
+    if let Some(comm) = &st.comm {
+        f.str("comm", &comm.as_str())?;
+    }
+    f.some("netns", st.netns)?;
+    f.some("matched_step", st.matched_step)?;
+    f.some("end_ts_ns", st.end_ts_ns)?;
+    f.some("segments", st.segments)?;
+    f.some("bytes_client", st.bytes_client)?;
+    f.some("bytes_server", st.bytes_server)?;
+    f.some("retransmissions", st.retransmissions)?;
+    f.out.write_all(b"}")
+}
+
 /// A JSON string; serde_json's escaping only when a byte needs it.
 fn json_str<W: Write + ?Sized>(out: &mut W, s: &str) -> io::Result<()> {
     if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
@@ -289,10 +474,7 @@ pub fn write_event_line<W: Write + ?Sized>(
 /// Writes a finished connection in the chosen mode.
 pub fn connection<W: Write + ?Sized>(out: &mut W, mode: Mode, c: &Connection) -> io::Result<()> {
     match mode {
-        Mode::Json => {
-            serde_json::to_writer(&mut *out, c)?;
-            out.write_all(b"\n")
-        }
+        Mode::Json => write_connection_json(out, c),
         Mode::Timeline => {
             crate::timeline::render(c, out)?;
             writeln!(out)
@@ -331,7 +513,7 @@ mod tests {
             family: Family::Ipv4,
             saddr: "10.0.0.1".parse().expect("literal"),
             sport: 40000,
-            daddr: "10.0.0.2".parse().expect("literal"),
+            daddr: "192.168.255.2".parse().expect("literal"),
             dport: 80,
             flags: TcpFlags(TcpFlags::FIN | TcpFlags::PSH | TcpFlags::ACK),
             seq: 100,
@@ -363,7 +545,7 @@ mod tests {
             concat!(
                 r#"{"type":"state","ts_ns":1700000000123456789,"skaddr":"0xffff888012345678","pid":4242,"comm":"curl","family":"ipv6","saddr":"2001:db8::1","sport":40000,"daddr":"2001:db8::2","dport":80,"oldstate":"ESTABLISHED","newstate":"FIN_WAIT1","prev_state_ns":1234567,"netns":4026531840}"#,
                 "\n",
-                r#"{"type":"segment","ts_ns":5000001000,"ifindex":7,"iface":"veth0","dir":"egress","family":"ipv4","saddr":"10.0.0.1","sport":40000,"daddr":"10.0.0.2","dport":80,"flags":"FP.","seq":100,"ack":200,"win":502,"len":10,"options":{"tsval":1,"tsecr":2},"netns":4026532000}"#,
+                r#"{"type":"segment","ts_ns":5000001000,"ifindex":7,"iface":"veth0","dir":"egress","family":"ipv4","saddr":"10.0.0.1","sport":40000,"daddr":"192.168.255.2","dport":80,"flags":"FP.","seq":100,"ack":200,"win":502,"len":10,"options":{"tsval":1,"tsecr":2},"netns":4026532000}"#,
                 "\n"
             )
         );
@@ -428,7 +610,7 @@ mod tests {
         assert_eq!(
             written(|out, ev| write_event_line(out, ev, &clock)),
             "23:13:20.123456    4242 curl            [2001:db8::1]:40000 → [2001:db8::2]:80  ESTABLISHED → FIN_WAIT1  (1.235 ms in ESTABLISHED)\n\
-             01:00:05.000001 veth0 egress  IP 10.0.0.1.40000 > 10.0.0.2.80: Flags [FP.], seq 100:110, ack 200, win 502, options [TS val 1 ecr 2], length 10\n"
+             01:00:05.000001 veth0 egress  IP 10.0.0.1.40000 > 192.168.255.2.80: Flags [FP.], seq 100:110, ack 200, win 502, options [TS val 1 ecr 2], length 10\n"
         );
     }
 }

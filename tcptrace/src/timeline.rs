@@ -181,8 +181,8 @@ pub fn render<W: Write + ?Sized>(conn: &Connection, out: &mut W) -> io::Result<(
                 if let (Some(old), Some(ns)) = (st.oldstate, st.in_state_ns) {
                     line.push_str(&format!(" ({old} {})", rel_ms(ns)));
                 }
-                if let Some(sk) = &st.skaddr {
-                    line.push_str(&format!("  sk {sk}"));
+                if let Some(sk) = st.skaddr {
+                    line.push_str(&format!("  sk {sk:#x}"));
                 }
                 if let (Some(pid), Some(comm)) = (st.pid, &st.comm) {
                     if pid != 0 {
@@ -233,7 +233,7 @@ pub fn render<W: Write + ?Sized>(conn: &Connection, out: &mut W) -> io::Result<(
                 .collect();
             writeln!(
                 out,
-                "    {:<6} sk {} {}[{}] netns {}: {}",
+                "    {:<6} sk {:#x} {}[{}] netns {}: {}",
                 s.side.name(),
                 s.skaddr,
                 s.comm,

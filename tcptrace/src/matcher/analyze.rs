@@ -175,7 +175,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
     };
 
     // 1. One wire step per segment; other vantage points become observations.
-    let mut wires: Vec<Wire> = Vec::new();
+    let mut wires: Vec<Wire> = Vec::with_capacity(segs.len());
     for s in &segs {
         let from = from_side(s);
         let obs = Observation {
@@ -817,7 +817,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
         in_state: Option<u64>,
         cause: Option<usize>,
     }
-    let mut ksteps: Vec<KStep> = Vec::new();
+    let mut ksteps: Vec<KStep> = Vec::with_capacity(changes.len());
     let mut explained: HashMap<(usize, Side, Pred), bool> = HashMap::new();
     for sock in &socks {
         let mut prev_ts: Option<u64> = None;
@@ -1086,7 +1086,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
         Kernel(usize),
         TimeWait,
     }
-    let mut items: Vec<(u64, u8, usize, Item)> = Vec::new();
+    let mut items: Vec<(u64, u8, usize, Item)> = Vec::with_capacity(wires.len() + ksteps.len() + 1);
     for (i, w) in wires.iter().enumerate() {
         items.push((w.ts, 0, i, Item::Wire(i)));
     }
@@ -1098,7 +1098,9 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
     }
     items.sort_by_key(|&(ts, o, i, _)| (ts, o, i));
 
-    let mut steps: Vec<Step> = Vec::new();
+    // Every item but the data segments a run absorbs becomes a step; a
+    // typical connection's few steps then never reallocate (a Step is large).
+    let mut steps: Vec<Step> = Vec::with_capacity(items.len().min(32));
     let mut wire_to_step: Vec<usize> = vec![0; wires.len()];
     let mut data_run: Option<usize> = None;
     let mut cause_fixups: Vec<(usize, usize)> = Vec::new();
@@ -1150,12 +1152,12 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 );
                 st.explain = kernel_explain(sc.oldstate, sc.newstate, ks.side).into();
                 st.side = Some(ks.side);
-                st.skaddr = Some(format!("{:#x}", sc.skaddr));
+                st.skaddr = Some(sc.skaddr);
                 st.oldstate = Some(sc.oldstate);
                 st.newstate = Some(sc.newstate);
                 st.in_state_ns = ks.in_state;
                 st.pid = Some(sc.pid);
-                st.comm = Some(sc.comm.clone());
+                st.comm = Some(sc.comm);
                 st.netns = Some(sc.netns);
                 if let Some(c) = ks.cause {
                     cause_fixups.push((steps.len(), c));
@@ -1277,10 +1279,10 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 });
             }
             SocketStates {
-                skaddr: format!("{:#x}", s.skaddr),
+                skaddr: s.skaddr,
                 side: s.side,
                 pid: who.pid,
-                comm: who.comm.clone(),
+                comm: who.comm,
                 netns: who.netns,
                 states: spans,
             }

@@ -7,10 +7,11 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::event::{Dir, Family, TcpFlags, TcpOptions, TcpState};
+use crate::event::{hex_addr, Comm, Dir, Family, TcpFlags, TcpOptions, TcpState};
 
 /// One end of the connection. The client is the side that sent the first
 /// SYN (for a simultaneous open: the earlier SYN). `Both` only appears where
@@ -137,7 +138,7 @@ pub struct Observation {
     pub netns: u32,
     pub ifindex: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub iface: Option<String>,
+    pub iface: Option<Arc<str>>,
     pub dir: Dir,
     pub ts_ns: u64,
 }
@@ -191,8 +192,8 @@ pub struct Step {
     pub observations: Vec<Observation>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub side: Option<Side>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub skaddr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "hex_skaddr")]
+    pub skaddr: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oldstate: Option<TcpState>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -202,7 +203,7 @@ pub struct Step {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub comm: Option<String>,
+    pub comm: Option<Comm>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -217,6 +218,14 @@ pub struct Step {
     pub bytes_server: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retransmissions: Option<u64>,
+}
+
+/// Only reached for `Some`: the field is skipped when absent.
+fn hex_skaddr<S: serde::Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => hex_addr(v, s),
+        None => s.serialize_none(),
+    }
 }
 
 impl Step {
@@ -354,10 +363,11 @@ pub struct StateSpan {
 /// One kernel socket of the connection (client socket, server child socket).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SocketStates {
-    pub skaddr: String,
+    #[serde(serialize_with = "hex_addr")]
+    pub skaddr: u64,
     pub side: Side,
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub netns: u32,
     pub states: Vec<StateSpan>,
 }

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::*;
-use crate::event::{Dir, Family, Segment, StateChange, TcpFlags as F, TcpOptions};
+use crate::event::{Comm, Dir, Family, Segment, StateChange, TcpFlags as F, TcpOptions};
 use crate::timeline;
 
 const NS_C: u32 = 4026531840;
@@ -45,7 +45,7 @@ fn seg(t_us: u64, from_client: bool, flags: u8, seq: u32, ack: u32, len: u32) ->
         Event::Segment(Segment {
             ts_ns,
             ifindex,
-            iface: Some(format!("veth{ifindex}")),
+            iface: Some(format!("veth{ifindex}").into()),
             dir,
             family: Family::Ipv4,
             saddr,
@@ -276,10 +276,10 @@ fn live_time_in_states_per_socket() {
         .find(|s| s.side == Side::Client)
         .expect("client socket");
     assert_eq!(
-        (client.pid, client.comm.as_str(), client.netns),
-        (100, "curl", NS_C)
+        (client.pid, client.comm, client.netns),
+        (100, Comm::from("curl"), NS_C)
     );
-    assert_eq!(client.skaddr, "0xffff888000001000");
+    assert_eq!(client.skaddr, 0xffff_8880_0000_1000);
 }
 
 #[test]
@@ -666,7 +666,7 @@ fn random_event_soup_never_panics() {
                 ts_ns: ts,
                 skaddr: 0x1000 + (r >> 8) % 6,
                 pid: 0,
-                comm: String::new(),
+                comm: Comm::default(),
                 family: Family::Ipv4,
                 saddr: pick(4, 3),
                 sport: [0, 80, CPORT][((r >> 5) % 3) as usize],
@@ -702,5 +702,50 @@ fn random_event_soup_never_panics() {
     }
     for c in m.finish() {
         let _ = timeline::to_string(&c);
+    }
+}
+
+/// The hand-written connection line against the derived `Serialize`, over
+/// kernel steps, two vantage points, data, TIME_WAIT, a retransmitted SYN
+/// with anomalies, a comm that needs escaping and an evicted half-open.
+#[test]
+fn connection_json_matches_serde() {
+    let mut events = full_conversation();
+    for e in &mut events {
+        if let Event::State(sc) = e {
+            if sc.pid != 0 {
+                sc.comm = "a\"b\\c\n".into();
+            }
+        }
+    }
+    let mut retx = seg(10, true, F::SYN, 1000, 0, 0);
+    retx.extend(seg(1_000_010, true, F::SYN, 1000, 0, 0));
+    for e in &mut retx {
+        if let Event::Segment(s) = e {
+            s.sport += 1;
+        }
+    }
+    events.extend(retx);
+    let conns = run(&events).0;
+    assert_eq!(conns.len(), 2);
+    let mut all = String::new();
+    for c in &conns {
+        let mut got = Vec::new();
+        crate::render::connection(&mut got, crate::render::Mode::Json, c).expect("to a Vec");
+        let want = serde_json::to_string(c).expect("serialises") + "\n";
+        assert_eq!(String::from_utf8(got).expect("UTF-8"), want);
+        all += &want;
+    }
+    for key in [
+        "\"observations\"",
+        "\"skaddr\"",
+        "\"comm\":\"a\\\"b",
+        "\"matched_step\"",
+        "\"retransmission\":true",
+        "\"bytes_client\"",
+        "\"time_wait\":{",
+        "\"handshake_rtt_ns\":null",
+    ] {
+        assert!(all.contains(key), "{key} not covered");
     }
 }
