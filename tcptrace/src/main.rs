@@ -471,7 +471,10 @@ async fn run_live(
     if let Some(f) = stopped {
         f.store(true, Ordering::SeqCst);
     }
-    // Events already in the channel still count toward the summary.
+    // Events already in the channel still count toward the summary; the
+    // readers run on their own thread and would keep it full under load, so
+    // nothing new is let in.
+    rx.close();
     while let Ok(batch) = rx.try_recv() {
         if stop.events.is_some_and(|n| events >= n) {
             break;

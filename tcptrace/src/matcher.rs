@@ -632,7 +632,7 @@ impl Matcher {
             },
         );
         self.by_key.insert(key, id);
-        self.by_last.push(Reverse((ts, id)));
+        self.note_activity(id, ts);
         id
     }
 
