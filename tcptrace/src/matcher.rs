@@ -319,6 +319,17 @@ struct Record {
     skaddrs: Vec<u64>,
 }
 
+impl Record {
+    /// Whether an event at `ts` comes after everything this record holds.
+    /// Only then can it open the next connection on the 4-tuple: an older
+    /// one comes from a ring read late (the rings of several namespaces are
+    /// drained in turn) and belongs to this connection, whatever its states
+    /// or segments already say.
+    fn is_before(&self, ts: u64) -> bool {
+        self.last_ts < ts
+    }
+}
+
 struct Pending {
     events: Vec<StateChange>,
     last_ts: u64,
@@ -479,19 +490,14 @@ impl Matcher {
         let d = key.dir(SocketAddr::new(s.saddr, s.sport));
         let id = match self.by_key.get(&key).copied() {
             Some(id) => {
-                // A SYN older than the record's latest event comes from a
-                // ring read late: it opened this connection, whatever the
-                // kernel's states already say.
                 let reuse = s.flags.syn()
                     && !s.flags.ack()
                     && self.conns.get(&id).is_some_and(|r| {
-                        r.progress.new_incarnation(d, s.seq) && s.ts_ns > r.last_ts
+                        r.progress.new_incarnation(d, s.seq) && r.is_before(s.ts_ns)
                     });
                 if reuse {
-                    self.stats.port_reuse += 1;
                     let reason = self.reason_for_superseded(id);
-                    out.extend(self.emit(id, reason));
-                    self.create(key, s.ts_ns, out)
+                    self.reopen(id, key, s.ts_ns, reason, out)
                 } else {
                     id
                 }
@@ -531,18 +537,14 @@ impl Matcher {
         let id = match self.by_key.get(&key).copied() {
             Some(id) => {
                 // A finished record's 4-tuple opening again is the next
-                // connection on it, unless the state change is older than
-                // the record's end: then its ring was read late and it is
-                // a straggler of this very connection.
+                // connection on it.
                 let reuse = is_opening(&sc)
                     && self
                         .conns
                         .get(&id)
-                        .is_some_and(|r| r.deadline.is_some() && sc.ts_ns > r.last_ts);
+                        .is_some_and(|r| r.deadline.is_some() && r.is_before(sc.ts_ns));
                 if reuse {
-                    self.stats.port_reuse += 1;
-                    out.extend(self.emit(id, EndReason::Closed));
-                    self.create(key, sc.ts_ns, out)
+                    self.reopen(id, key, sc.ts_ns, EndReason::Closed, out)
                 } else {
                     id
                 }
@@ -634,6 +636,21 @@ impl Matcher {
         self.by_key.insert(key, id);
         self.note_activity(id, ts);
         id
+    }
+
+    /// The 4-tuple of record `id` is in use again: `id` ends for `reason`
+    /// and a new record takes the 4-tuple.
+    fn reopen(
+        &mut self,
+        id: u64,
+        key: Key,
+        ts: u64,
+        reason: EndReason,
+        out: &mut Vec<Connection>,
+    ) -> u64 {
+        self.stats.port_reuse += 1;
+        out.extend(self.emit(id, reason));
+        self.create(key, ts, out)
     }
 
     /// The least recently active record's (last event ts, id), dropping
