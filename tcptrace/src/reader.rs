@@ -1,6 +1,15 @@
 //! Stage 2: drain the ring buffers as the kernel fills them. Each ring is
-//! an `AsyncFd`: the task sleeps until the kernel signals data (epoll), then
-//! takes everything there is in one batch.
+//! an `AsyncFd`: the task sleeps until the kernel signals data (epoll), takes
+//! everything there is, then naps for [`NAP`] before it waits again.
+//!
+//! The nap is what keeps tracing cheap under load. The kernel signals a ring
+//! when a record is submitted while the reader has caught up, and each signal
+//! is an irq_work self-interrupt on the CPU running the traced code (in a VM,
+//! an APIC write that exits to the hypervisor) plus a wakeup of this thread.
+//! A reader that drains and immediately waits again has caught up after every
+//! few records, so at 300,000 events/s that cost was paid tens of thousands
+//! of times a second (a fifth of the host's CPU in `cargo xtask bench`).
+//! Napping lets records pile up: one signal and one wakeup per nap.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -52,8 +61,15 @@ pub async fn read_ring(
             }
         }
         guard.clear_ready();
+        tokio::time::sleep(NAP).await;
     }
 }
+
+/// How long the reader lets records pile up after draining a ring. Short
+/// beside the matcher's hold-back (`REORDER_NS` in main.rs, 40 ms) and the time a
+/// default ring takes to fill at saturation (4 MiB at ~600,000 events/s of
+/// about 100 bytes: ~70 ms).
+pub const NAP: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Events per batch: a full ring is taken in several, so that the queue to
 /// the matcher is bounded in events, not only in batches.
