@@ -1,0 +1,153 @@
+//! What matching and rendering cost per kernel state change, without root:
+//! the state changes of a loopback connection storm (as `cargo xtask bench`
+//! drives it, server closing first) made up in memory and run through the
+//! matcher and the chosen output mode into memory. Decoding and write(2)
+//! are left out on purpose: this is tcptrace's own userspace work.
+//!
+//! `storm_events [CONNECTIONS] [json|timeline|events]` prints one JSON line:
+//! events, connections, output bytes and CPU ns per event.
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{bail, Context as _, Result};
+use tcptrace::event::{Event, Family, StateChange, TcpState as S};
+use tcptrace::matcher::{Matcher, MatcherConfig};
+use tcptrace::render::{self, Clock, Mode};
+
+/// As the storm on two cores: a connection every 33 µs, each about 65 µs
+/// from connect() to the last CLOSE, so a few overlap.
+const START_EVERY_NS: u64 = 33_000;
+/// The kernel reuses a closed socket's memory soon; so do these addresses.
+const SOCKET_SLOTS: u64 = 4096;
+
+/// (client side?, old, new, ns after connect()) of one storm connection, as
+/// a live trace shows them.
+const STEPS: [(bool, S, S, u64); 10] = [
+    (true, S::Close, S::SynSent, 0),
+    (true, S::SynSent, S::Established, 8_800),
+    (false, S::Listen, S::SynRecv, 10_300),
+    (false, S::SynRecv, S::Established, 21_800),
+    (false, S::Established, S::FinWait1, 33_000),
+    (true, S::Established, S::CloseWait, 34_300),
+    (true, S::CloseWait, S::LastAck, 39_300),
+    (false, S::FinWait1, S::FinWait2, 61_500),
+    (false, S::FinWait2, S::Close, 63_100),
+    (true, S::LastAck, S::Close, 65_300),
+];
+
+fn events(conns: u64) -> Vec<Event> {
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let mut v = Vec::with_capacity(conns as usize * STEPS.len());
+    for i in 0..conns {
+        let start = 1_000_000_000 + i * START_EVERY_NS;
+        let cport = 20_000 + (i % 40_000) as u16;
+        let slot = i % SOCKET_SLOTS;
+        let (client_sk, server_sk) = (
+            0xffff_8880_0000_0000 + slot * 0x1000,
+            0xffff_8880_1000_0000 + slot * 0x1000,
+        );
+        let mut last = [start, start];
+        for &(client, old, new, at) in &STEPS {
+            let ts = start + at;
+            let side = usize::from(client);
+            let prev = if old == S::Close || old == S::Listen {
+                0
+            } else {
+                ts - last[side]
+            };
+            last[side] = ts;
+            let (sport, dport) = match (client, old) {
+                (true, S::Close) => (0, 80),
+                (true, _) => (cport, 80),
+                (false, _) => (80, cport),
+            };
+            v.push(Event::State(StateChange {
+                ts_ns: ts,
+                skaddr: if client { client_sk } else { server_sk },
+                pid: 4242,
+                comm: "tcpstorm".into(),
+                family: Family::Ipv4,
+                saddr: lo,
+                sport,
+                daddr: lo,
+                dport,
+                oldstate: old,
+                newstate: new,
+                prev_state_ns: prev,
+                netns: 4026531833,
+            }));
+        }
+    }
+    // Time order, as the ring delivers them.
+    v.sort_by_key(Event::ts_ns);
+    v
+}
+
+fn cpu_ns() -> u64 {
+    // SAFETY: getrusage with a valid out pointer.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let conns: u64 = match args.next() {
+        Some(n) => n.parse().context("CONNECTIONS must be a number")?,
+        None => 100_000,
+    };
+    let mode = match args.next().as_deref() {
+        None | Some("json") => Mode::Json,
+        Some("timeline") => Mode::Timeline,
+        Some("events") => Mode::Events,
+        Some(other) => bail!("unknown mode {other:?}: json, timeline or events"),
+    };
+    let evs = events(conns);
+    let n = evs.len() as u64;
+    let clock = Clock::epoch();
+    let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
+    let (mut bytes, mut connections) = (0u64, 0u64);
+    let mut drain = |out: &mut Vec<u8>| {
+        bytes += out.len() as u64;
+        out.clear();
+    };
+    let start = cpu_ns();
+    let mut m = Matcher::new(MatcherConfig::default());
+    for ev in evs {
+        match mode {
+            Mode::Json => render::write_event_json(&mut out, &ev)?,
+            Mode::Events => render::write_event_line(&mut out, &ev, &clock)?,
+            Mode::Timeline => {}
+        }
+        let ts = ev.ts_ns();
+        for c in m.push(ev) {
+            connections += 1;
+            render::connection(&mut out, mode, &c)?;
+        }
+        // The live loop's tick: connections end when their linger expires.
+        if ts % 50_000_000 < START_EVERY_NS {
+            for c in m.tick(ts) {
+                connections += 1;
+                render::connection(&mut out, mode, &c)?;
+            }
+        }
+        if out.len() >= 1 << 20 {
+            drain(&mut out);
+        }
+    }
+    for c in m.finish() {
+        connections += 1;
+        render::connection(&mut out, mode, &c)?;
+    }
+    drain(&mut out);
+    let cpu = cpu_ns() - start;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
+        "{{\"events\":{n},\"connections\":{connections},\"bytes\":{bytes},\"bytes_per_event\":{:.0},\"cpu_ns_per_event\":{:.0}}}",
+        bytes as f64 / n as f64,
+        cpu as f64 / n as f64
+    )?;
+    Ok(())
+}
