@@ -93,6 +93,9 @@ pub struct Bins {
     pub tcpstates: Option<PathBuf>,
     /// Writes the userspace scenario's capture (tcptrace/examples).
     pub storm_capture: PathBuf,
+    /// The userspace scenario's state changes, matched and rendered in
+    /// memory (tcptrace/examples).
+    pub storm_events: PathBuf,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -217,6 +220,8 @@ struct Run {
     drain_s: Option<f64>,
     /// Kernel-skipped program runs (recursion_misses).
     missed: Option<u64>,
+    /// Size of the tracer's output file.
+    out_bytes: Option<u64>,
 }
 
 impl Run {
@@ -242,6 +247,7 @@ impl Run {
             j.set("maxrss_kb", u.maxrss_kb);
             j.set("exit_ok", u.exit_ok);
             j.set("drain_s", self.drain_s);
+            j.set("output_bytes", self.out_bytes);
         }
         j
     }
@@ -416,6 +422,8 @@ fn build() -> Result<Bins> {
         "tcptrace",
         "--example",
         "storm_capture",
+        "--example",
+        "storm_events",
     ]);
     crate::status(c)?;
     let mut c = crate::cargo();
@@ -435,6 +443,7 @@ fn build() -> Result<Bins> {
         tcpstorm: rel.join("tcpstorm"),
         tcpstates,
         storm_capture: rel.join("examples/storm_capture"),
+        storm_events: rel.join("examples/storm_events"),
     })
 }
 
@@ -484,6 +493,7 @@ fn run_one(
         usage: None,
         drain_s: None,
         missed: None,
+        out_bytes: None,
     };
     if let Some(t) = tracer {
         // Let it catch up before stopping it, as a user would.
@@ -494,6 +504,7 @@ fn run_one(
             Some(Kind::Tcpstates) => count::tcpstates(&out, &err, port, transitions)?,
             _ => count::tcptrace(&out, transitions)?,
         });
+        run.out_bytes = std::fs::metadata(&out).ok().map(|m| m.len());
         ctx.discard(&[&out, &err]);
     }
     Ok(run)
@@ -684,8 +695,8 @@ fn storm_scenario(
     let mut md = format!(
         "\n## Storm: {threads} client threads, {duration} s per run, {rounds} rounds (medians; events summed over rounds)\n\n\
          Calibration: one connection = {} state changes + {} segments (tcptrace, wire on lo), plus {} state change(s) per run (the listener closing).\n\n\
-         | configuration | conn/s | vs no tracer | events expected | delivered | lost (reported) | skipped by kernel (recursion_misses) | unaccounted | tracer CPU ms / 1k events | tracer CPU % of a core | peak RSS MiB | output settles s |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | configuration | conn/s | vs no tracer | events expected | delivered | lost (reported) | skipped by kernel (recursion_misses) | unaccounted | tracer CPU ms / 1k events | of which sys | output bytes / event | tracer CPU % of a core | peak RSS MiB | output settles s |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         pc.states, pc.segments, pc.state_extra
     );
     let mut summary = J::obj();
@@ -704,7 +715,7 @@ fn storm_scenario(
             .with("ratio_to_none", ratio);
         if cfg.kind().is_none() {
             md.push_str(&format!(
-                "| {} | {cps:.0} | 1.00 | – | – | – | – | – | – | – | – | – |\n",
+                "| {} | {cps:.0} | 1.00 | – | – | – | – | – | – | – | – | – | – | – |\n",
                 cfg.label()
             ));
             summary.set(cfg.key(), s);
@@ -731,6 +742,20 @@ fn storm_scenario(
                 })
                 .collect(),
         );
+        let per_event = |f: &dyn Fn(&Run) -> Option<f64>| {
+            median(
+                rs.iter()
+                    .filter_map(|r| Some(f(r)? / r.out.as_ref()?.delivered().max(1) as f64))
+                    .collect(),
+            )
+        };
+        let idle_sys = idle
+            .iter()
+            .find(|(c, _)| *c == cfg)
+            .map_or(0.0, |(_, u)| u.sys_s);
+        let sys_ms_per_k =
+            per_event(&|r| Some((r.usage.as_ref()?.sys_s - idle_sys).max(0.0) * 1e6));
+        let bytes_per_event = per_event(&|r| r.out_bytes.map(|b| b as f64));
         let core_pct = median(
             rs.iter()
                 .filter_map(|r| Some(r.usage.as_ref()?.cpu_s / duration * 100.0))
@@ -743,7 +768,7 @@ fn storm_scenario(
         );
         let drain = median(rs.iter().filter_map(|r| r.drain_s).collect());
         md.push_str(&format!(
-            "| {} | {cps:.0} | {ratio:.3} | {expected} | {delivered} | {lost} | {missed} | {unaccounted} | {ms_per_k:.3} | {core_pct:.0} | {rss_mib:.1} | {drain:.2} |\n",
+            "| {} | {cps:.0} | {ratio:.3} | {expected} | {delivered} | {lost} | {missed} | {unaccounted} | {ms_per_k:.3} | {sys_ms_per_k:.3} | {bytes_per_event:.0} | {core_pct:.0} | {rss_mib:.1} | {drain:.2} |\n",
             cfg.label()
         ));
         s.set("events_expected", expected);
@@ -752,6 +777,8 @@ fn storm_scenario(
         s.set("events_skipped_by_kernel", missed);
         s.set("events_unaccounted", unaccounted);
         s.set("cpu_ms_per_1k_events", ms_per_k);
+        s.set("sys_cpu_ms_per_1k_events", sys_ms_per_k);
+        s.set("output_bytes_per_event", bytes_per_event);
         s.set("cpu_pct_of_core", core_pct);
         s.set("idle_cpu_s", idle_cpu);
         s.set("peak_rss_mib", rss_mib);

@@ -7,6 +7,11 @@
 //!
 //! The figures include reading and decoding the capture, which live tracing
 //! does not have, and peak RSS includes the whole capture held in memory.
+//!
+//! A capture has no kernel state changes, which are most of a live trace;
+//! `tcptrace/examples/storm_events.rs` makes up those of a storm in memory
+//! and times matching and rendering alone (no decoding, no write(2)): the
+//! part of the live per-event cost that is tcptrace's own code.
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
@@ -122,5 +127,71 @@ pub fn run(ctx: &Ctx, conns: usize, rounds: usize) -> Result<Scenario> {
         }
     }
     ctx.discard(&[&capture]);
+    states(ctx, conns, rounds, &mut j, &mut md, &mut targets)?;
     Ok((j, md, targets))
+}
+
+/// The storm's kernel state changes through the matcher and each output
+/// mode, in memory (`storm_events`).
+fn states(
+    ctx: &Ctx,
+    conns: usize,
+    rounds: usize,
+    j: &mut J,
+    md: &mut String,
+    targets: &mut Vec<(String, bool, String)>,
+) -> Result<()> {
+    md.push_str(&format!(
+        "\n### Kernel state changes of {conns} storm connections, matched and rendered in memory (`storm_events`), {rounds} rounds (medians)\n\n\
+         | output | CPU ns / event | output bytes / event |\n|---|---:|---:|\n"
+    ));
+    let mut js = J::obj().with("connections", conns);
+    for (mode, _) in MODES {
+        let mut ns = Vec::new();
+        let mut bytes = 0.0;
+        for _ in 0..rounds {
+            let out = Command::new(&ctx.bins.storm_events)
+                .args([conns.to_string().as_str(), mode])
+                .output()
+                .with_context(|| format!("cannot start {}", ctx.bins.storm_events.display()))?;
+            if !out.status.success() {
+                bail!(
+                    "storm_events {mode} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            let line = String::from_utf8_lossy(&out.stdout);
+            let field = |key: &str| -> Result<f64> {
+                let rest = line
+                    .split(&format!("\"{key}\":"))
+                    .nth(1)
+                    .with_context(|| format!("no {key} in storm_events output {line:?}"))?;
+                let num: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.')
+                    .collect();
+                num.parse().with_context(|| format!("{key} in {line:?}"))
+            };
+            ns.push(field("cpu_ns_per_event")?);
+            bytes = field("bytes_per_event")?;
+        }
+        let ns = median(ns);
+        eprintln!("bench: userspace states {mode}: {ns:.0} ns/event");
+        md.push_str(&format!("| {mode} | {ns:.0} | {bytes:.0} |\n"));
+        js.set(
+            mode,
+            J::obj()
+                .with("cpu_ns_per_event", ns)
+                .with("bytes_per_event", bytes),
+        );
+        if mode == "json" {
+            targets.push((
+                "userspace (state changes matched and rendered as JSON, in memory): well under 1 µs per event".to_string(),
+                ns < 500.0,
+                format!("{ns:.0} ns/event (target read as < 500)"),
+            ));
+        }
+    }
+    j.set("states", js);
+    Ok(())
 }
