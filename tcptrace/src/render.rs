@@ -684,9 +684,12 @@ pub fn connection<W: Write + ?Sized>(out: &mut W, mode: Mode, c: &Connection) ->
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+    use std::net::SocketAddrV6;
+
     use super::*;
     use crate::event::{TcpFlags, TcpState};
-    use crate::matcher::{AnomalyKind, Close, Open, Side};
+    use crate::matcher::{AnomalyKind, Close, Open, Side, StateSpan};
 
     /// Live events of both kinds, with every optional field present.
     fn events() -> [Event; 2] {
@@ -814,6 +817,64 @@ mod tests {
         );
     }
 
+    /// The hand-written event lines over the values whose formatting is
+    /// hand-written: numbers at digit boundaries, IPv4 octets of every
+    /// width, kernel addresses from 0 to all ones.
+    #[test]
+    fn event_json_numbers_and_addresses_match_serde() {
+        let [Event::State(state), Event::Segment(segment)] = events() else {
+            unreachable!()
+        };
+        let mut cases = Vec::new();
+        for (i, sk) in [
+            0,
+            1,
+            0xf,
+            0x10,
+            0xabc,
+            u64::MAX,
+            1 << 63,
+            0x0123_4567_89ab_cdef,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let ip = |a: u8, b: u8| IpAddr::from([a, b, 0, 255]);
+            cases.push(Event::State(StateChange {
+                skaddr: sk,
+                ts_ns: [0, 9, 10, 99, 100, 999, u64::MAX, 10u64.pow(19)][i],
+                pid: [0, 1, 10, 4_294_967_295, 100, 1000, 12_345, 99_999][i],
+                saddr: ip(i as u8 * 36, 255 - i as u8),
+                daddr: ip(10 + i as u8, 100 + i as u8),
+                prev_state_ns: 10u64.pow(i as u32 * 2) - 1,
+                netns: u32::MAX - i as u32,
+                oldstate: TcpState::from_kernel(i as u8 * 2),
+                newstate: TcpState::from_kernel(i as u8 * 2 + 1),
+                ..state.clone()
+            }));
+        }
+        for (sport, dport) in [(0, 65535), (9, 10), (99, 100), (999, 1000)] {
+            cases.push(Event::Segment(Segment {
+                sport,
+                dport,
+                seq: u32::MAX,
+                ack: 0,
+                win: u16::MAX,
+                len: 1,
+                ifindex: u32::MAX,
+                flags: TcpFlags(sport as u8),
+                ..segment.clone()
+            }));
+        }
+        for ev in &cases {
+            let mut ours = Vec::new();
+            write_event_json(&mut ours, ev).expect("writing to a Vec");
+            let mut want = serde_json::to_vec(ev).expect("serialising");
+            want.push(b'\n');
+            assert_eq!(String::from_utf8(ours), String::from_utf8(want));
+        }
+    }
+
     #[test]
     fn decimal_prints_as_display() {
         let mut values = vec![0, u64::MAX, u64::MAX - 1];
@@ -899,6 +960,219 @@ mod tests {
         for v in 0..=u8::MAX {
             check(TcpState::from_kernel(v), TcpState::from_kernel(v).name());
             check(TcpFlags(v), TcpFlags(v).tcpdump(&mut [0; 8]));
+        }
+    }
+
+    /// A connection record with every part the matcher can fill in, and
+    /// the optional ones both present and absent.
+    fn full_connection() -> Connection {
+        let v6 = |s: &str, port| SocketAddr::new(s.parse().expect("literal"), port);
+        let mut wire = Step::new(1_000, StepKind::Wire, "SYN");
+        wire.rule = Some(Cow::Borrowed("SYN seq=x"));
+        wire.explain = Cow::Owned("x = 1: \"quoted\", back\\slash\ttab, é → ✓".into());
+        wire.from = Some(Side::Client);
+        wire.flags = Some(TcpFlags(TcpFlags::SYN | TcpFlags::ECE | TcpFlags::CWR));
+        wire.seq = Some(u32::MAX);
+        wire.ack = Some(0);
+        wire.rel_seq = Some(0);
+        wire.rel_ack = Some(1);
+        wire.len = Some(0);
+        wire.win = Some(u16::MAX);
+        wire.options = Some(TcpOptions {
+            mss: Some(1460),
+            wscale: Some(0),
+            sack_ok: true,
+            tsval: Some(u32::MAX),
+            tsecr: Some(0),
+        });
+        wire.retransmission = true;
+        wire.observations = vec![
+            Observation {
+                netns: 4026531840,
+                ifindex: 1,
+                iface: Some("lo".into()),
+                dir: Dir::Egress,
+                ts_ns: 1_000,
+            },
+            Observation {
+                netns: 0,
+                ifindex: 7,
+                iface: None,
+                dir: Dir::Ingress,
+                ts_ns: 1_001,
+            },
+        ];
+        let mut bare = Step::new(2_000, StepKind::Wire, "ACK");
+        bare.rel_ns = 1_000;
+        bare.flags = Some(TcpFlags(0));
+        bare.options = Some(TcpOptions::default());
+        bare.observations = vec![Observation {
+            netns: 1,
+            ifindex: 2,
+            iface: Some("we\"ird\n".into()),
+            dir: Dir::Capture,
+            ts_ns: 0,
+        }];
+        let mut kernel = Step::new(3_000, StepKind::Kernel, "SYN_SENT → ESTABLISHED");
+        kernel.rel_ns = 2_000;
+        kernel.side = Some(Side::Server);
+        kernel.skaddr = Some(0);
+        kernel.oldstate = Some(TcpState::SynSent);
+        kernel.newstate = Some(TcpState::Unknown(99));
+        kernel.in_state_ns = Some(0);
+        kernel.pid = Some(u32::MAX);
+        kernel.comm = Some("a\"b\\c\n\u{1}".into());
+        kernel.netns = Some(4026531840);
+        kernel.matched_step = Some(0);
+        let mut data = Step::new(4_000, StepKind::Data, Cow::Owned("data".into()));
+        data.end_ts_ns = Some(u64::MAX);
+        data.segments = Some(10);
+        data.bytes_client = Some(0);
+        data.bytes_server = Some(1 << 40);
+        data.retransmissions = Some(3);
+        let mut inferred = Step::new(5_000, StepKind::Inferred, "TIME_WAIT (inferred)");
+        inferred.side = Some(Side::Both);
+        let mut full = Anomaly::new(AnomalyKind::Reset, "reset by the \"server\"");
+        full.count = 2;
+        full.side = Some(Side::Server);
+        full.state = Some("SYN_RECV".into());
+        full.ts_ns = Some(3_000);
+        full.step = Some(4);
+        Connection {
+            record_type: "connection",
+            client: v6("2001:db8::1", 40000),
+            server: SocketAddr::V6(SocketAddrV6::new(
+                "fe80::1".parse().expect("literal"),
+                80,
+                7,
+                3,
+            )),
+            family: Family::Ipv6,
+            netns: Some(4026531840),
+            isn_client: Some(0),
+            isn_server: Some(u32::MAX),
+            handshake_rtt_ns: Some(20_000),
+            handshake_rtt_server_ns: Some(1),
+            bytes_client: Some(0),
+            bytes_server: Some(700),
+            open: Open::Simultaneous,
+            close: Close::FourSegment,
+            closed_by: Some(Side::Both),
+            first_ts_ns: 1_000,
+            last_ts_ns: 5_000,
+            duration_ns: 4_000,
+            end_reason: EndReason::EndOfInput,
+            segments: 3,
+            retransmissions: 1,
+            views: Views {
+                wire: true,
+                kernel: true,
+                live: true,
+            },
+            steps: vec![wire, bare, kernel, data, inferred],
+            anomalies: vec![
+                full,
+                Anomaly::new(AnomalyKind::HandshakeUnfinished, ""),
+                Anomaly::new(AnomalyKind::Truncated, "tab\there"),
+            ],
+            states: vec![
+                SocketStates {
+                    skaddr: 0xffff_8880_1234_5678,
+                    side: Side::Client,
+                    pid: 1,
+                    comm: "curl".into(),
+                    netns: 2,
+                    states: vec![
+                        StateSpan {
+                            state: TcpState::SynSent,
+                            ns: Some(8_800),
+                        },
+                        StateSpan {
+                            state: TcpState::Close,
+                            ns: None,
+                        },
+                    ],
+                },
+                SocketStates {
+                    skaddr: 0x10,
+                    side: Side::Both,
+                    pid: 0,
+                    comm: "é\"".into(),
+                    netns: 0,
+                    states: Vec::new(),
+                },
+            ],
+            time_wait: Some(TimeWait {
+                side: Side::Client,
+                since_ts_ns: 5_000,
+                rel_ns: 4_000,
+                source: "wire \"quoted\"",
+                expected_ns: 60_000_000_000,
+                detail: "holds [2001:db8::1]:40000 ↔ [fe80::1%3]:80".into(),
+            }),
+        }
+    }
+
+    /// The hand-written connection line against the derived `Serialize`:
+    /// every optional part present (IPv6 with a scope id, escaping in every
+    /// kind of string), then absent or empty, then IPv4 and other variants.
+    #[test]
+    fn connection_json_matches_serde_in_every_part() {
+        let full = full_connection();
+        let bare = Connection {
+            client: SocketAddr::from(([0, 0, 0, 0], 0)),
+            server: SocketAddr::from(([255, 255, 255, 255], 65535)),
+            family: Family::Ipv4,
+            netns: None,
+            isn_client: None,
+            isn_server: None,
+            handshake_rtt_ns: None,
+            handshake_rtt_server_ns: None,
+            bytes_client: None,
+            bytes_server: None,
+            open: Open::Unknown,
+            close: Close::Unfinished,
+            closed_by: None,
+            end_reason: EndReason::IdleTimeout,
+            views: Views::default(),
+            steps: Vec::new(),
+            anomalies: Vec::new(),
+            states: Vec::new(),
+            time_wait: None,
+            ..full.clone()
+        };
+        let mut cases = vec![full.clone(), bare.clone()];
+        for (i, (open, close)) in [
+            (Open::Active, Close::ThreeSegment),
+            (Open::Passive, Close::Simultaneous),
+            (Open::Active, Close::Reset),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            cases.push(Connection {
+                client: SocketAddr::from(([10, 1, 22, 133], 20000 + i as u16)),
+                server: SocketAddr::from(([127, 0, 0, 1], 80)),
+                open,
+                close,
+                closed_by: Some([Side::Client, Side::Server, Side::Both][i]),
+                end_reason: [EndReason::Closed, EndReason::Superseded, EndReason::Evicted][i],
+                views: Views {
+                    wire: i == 0,
+                    kernel: i == 1,
+                    live: i != 1,
+                },
+                steps: full.steps[i..i + 2].to_vec(),
+                anomalies: full.anomalies[i..].to_vec(),
+                states: full.states[i.min(1)..].to_vec(),
+                ..bare.clone()
+            });
+        }
+        for c in &cases {
+            let mut ours = Vec::new();
+            connection(&mut ours, Mode::Json, c).expect("writing to a Vec");
+            let want = serde_json::to_string(c).expect("serialising") + "\n";
+            assert_eq!(String::from_utf8(ours).expect("UTF-8"), want);
         }
     }
 }
