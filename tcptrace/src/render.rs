@@ -158,7 +158,8 @@ fn dir_word(s: &Segment) -> &'static str {
 // `write_all`: a connection line is a few hundred keys and values, and a
 // call into a generic writer for each, most with a `memcpy` of a few bytes,
 // was most of what the output cost. In the buffer, fixed keys are copied
-// as constants and numbers as fixed-size blocks cut back to their length.
+// as constants, and numbers are formatted in place (in room reserved at the
+// end, then cut back to their length).
 
 thread_local! {
     /// The line being assembled; see [`with_line`].
@@ -250,21 +251,22 @@ impl Json<'_> {
         self.buf.extend_from_slice(b);
     }
 
-    /// The first `N` bytes of `block`, copied as the whole block and cut
-    /// back: a fixed-size copy is a few moves, a copy of `len` bytes a call
-    /// to `memcpy`.
+    /// Room for up to `N` bytes at the end of the line, which `fill`
+    /// writes in place and returns how many it used. Formatting in a
+    /// stack array and copying it out costs a `memcpy` call, or (as a
+    /// fixed-size copy) a stall: the wide load waits for the byte stores.
     #[inline(always)]
-    fn block<const N: usize>(&mut self, block: &[u8; N], len: usize) {
-        let end = self.buf.len() + len;
-        self.buf.extend_from_slice(block);
-        self.buf.truncate(end);
+    fn fill<const N: usize>(&mut self, fill: impl FnOnce(&mut [u8; N]) -> usize) {
+        let start = self.buf.len();
+        self.buf.resize(start + N, 0);
+        let room = (&mut self.buf[start..]).try_into().expect("N bytes");
+        let used = fill(room);
+        self.buf.truncate(start + used);
     }
 
     #[inline(always)]
     fn uint(&mut self, v: u64) {
-        let mut d = [0; 20];
-        let n = decimal(v, &mut d);
-        self.block(&d, n);
+        self.fill(|d| decimal(v, d));
     }
 
     #[inline(always)]
@@ -317,14 +319,15 @@ impl Json<'_> {
     #[inline(always)]
     fn hex(&mut self, key: &[u8], v: u64) {
         self.raw(key);
-        let n = (v.checked_ilog2().unwrap_or(0) / 4 + 1) as usize;
-        let mut d = [0; 20];
-        d[..3].copy_from_slice(b"\"0x");
-        for (i, digit) in d[3..3 + n].iter_mut().rev().enumerate() {
-            *digit = b"0123456789abcdef"[((v >> (4 * i)) & 0xf) as usize];
-        }
-        d[3 + n] = b'"';
-        self.block(&d, n + 4);
+        self.fill::<20>(|d| {
+            let n = (v.checked_ilog2().unwrap_or(0) / 4 + 1) as usize;
+            d[..3].copy_from_slice(b"\"0x");
+            for (i, digit) in d[3..3 + n].iter_mut().rev().enumerate() {
+                *digit = b"0123456789abcdef"[((v >> (4 * i)) & 0xf) as usize];
+            }
+            d[3 + n] = b'"';
+            n + 4
+        });
     }
 
     /// An address as its `Display` prints it. IPv4 is written octet by
@@ -341,19 +344,26 @@ impl Json<'_> {
     }
 
     fn ipv4(&mut self, ip: Ipv4Addr) {
-        let mut d = [0; 16];
-        let mut len = 0;
-        for (i, octet) in ip.octets().into_iter().enumerate() {
-            if i > 0 {
-                d[len] = b'.';
+        self.fill::<15>(|d| {
+            let mut len = 0;
+            for (i, octet) in ip.octets().into_iter().enumerate() {
+                if i > 0 {
+                    d[len] = b'.';
+                    len += 1;
+                }
+                if octet >= 100 {
+                    d[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    d[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                d[len] = b'0' + octet % 10;
                 len += 1;
             }
-            let mut o = [0; 20];
-            let n = decimal(octet.into(), &mut o);
-            d[len..len + 3].copy_from_slice(&o[..3]);
-            len += n;
-        }
-        self.block(&d, len);
+            len
+        });
     }
 
     /// `SocketAddr`'s `Display`: `a.b.c.d:port`; IPv6 (`[a]:port`, with a
