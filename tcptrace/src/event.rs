@@ -96,6 +96,14 @@ impl Family {
             IpAddr::V6(_) => Family::Ipv6,
         }
     }
+
+    /// As serialised (`rename_all = "lowercase"`), for hand-written JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
 }
 
 /// Where a segment was seen: leaving (egress) or entering (ingress) the host
@@ -107,6 +115,17 @@ pub enum Dir {
     Ingress,
     Egress,
     Capture,
+}
+
+impl Dir {
+    /// As serialised (`rename_all = "lowercase"`), for hand-written JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dir::Ingress => "ingress",
+            Dir::Egress => "egress",
+            Dir::Capture => "capture",
+        }
+    }
 }
 
 /// The TCP flags byte, printed with tcpdump's letters.

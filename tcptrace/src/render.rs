@@ -1,11 +1,14 @@
 //! Stage 5: what people and scripts read. One line per event (text or JSON
 //! Lines), connection summaries and timelines (see [`crate::timeline`]).
+use std::cell::RefCell;
 use std::fmt;
 use std::io::{self, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::event::{Dir, Event, Family, Segment, StateChange, TcpOptions};
-use crate::matcher::{Connection, Step};
+use crate::matcher::{
+    Anomaly, Connection, EndReason, Observation, SocketStates, Step, StepKind, TimeWait, Views,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -145,318 +148,524 @@ fn dir_word(s: &Segment) -> &'static str {
     }
 }
 
+// The JSON output is written by hand, not through serde: it is most of a
+// live trace's output, and serde_json escapes every key and goes through
+// `fmt` for every number. The field order and spelling are the derived
+// `Serialize` impls' (the public contract), which the tests hold these
+// writers to byte for byte.
+//
+// A line is assembled in a reused buffer and handed to the writer with one
+// `write_all`: a connection line is a few hundred keys and values, and a
+// call into a generic writer for each, most with a `memcpy` of a few bytes,
+// was most of what the output cost. In the buffer, fixed keys are copied
+// as constants, and numbers are formatted in place (in room reserved at the
+// end, then cut back to their length).
+
+thread_local! {
+    /// The line being assembled; see [`with_line`].
+    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A line assembled by `build`, then written out in one go.
+fn with_line<W: Write + ?Sized>(out: &mut W, build: impl FnOnce(&mut Json<'_>)) -> io::Result<()> {
+    LINE.with_borrow_mut(|buf| {
+        buf.clear();
+        build(&mut Json { buf });
+        let res = out.write_all(buf);
+        // A rare huge connection (thousands of steps) gives its memory back.
+        if buf.capacity() > LINE_KEEP {
+            *buf = Vec::new();
+        }
+        res
+    })
+}
+
+/// What the line buffer keeps between lines: far more than any ordinary
+/// connection line (a few KiB).
+const LINE_KEEP: usize = 1 << 20;
+
+/// `,"key":` as one byte string (what [`Json`] takes as a key);
+/// `key!({"key"})` is `{"key":`, an object's opening and first key.
+macro_rules! key {
+    ($k:literal) => {
+        concat!(",\"", $k, "\":").as_bytes()
+    };
+    ({ $k:literal }) => {
+        concat!("{\"", $k, "\":").as_bytes()
+    };
+}
+
 /// One JSON line: `{"type":"state",…}` or `{"type":"segment",…}`.
-///
-/// Written by hand, not through serde: these lines are most of a live
-/// trace's output, and serde_json escapes every key and goes through
-/// `fmt` for every number. Only `comm` and `iface` can hold characters that
-/// need escaping; the field order and spelling are the derived `Serialize`
-/// impls' (the public contract), which the tests hold this writer to.
 pub fn write_event_json<W: Write + ?Sized>(out: &mut W, ev: &Event) -> io::Result<()> {
-    match ev {
-        Event::State(s) => write_state_json(out, s),
-        Event::Segment(s) => write_segment_json(out, s),
-    }
-}
-
-fn write_state_json<W: Write + ?Sized>(out: &mut W, s: &StateChange) -> io::Result<()> {
-    let mut n = itoa::Buffer::new();
-    out.write_all(b"{\"type\":\"state\",\"ts_ns\":")?;
-    out.write_all(n.format(s.ts_ns).as_bytes())?;
-    write!(out, ",\"skaddr\":\"{:#x}\",\"pid\":", s.skaddr)?;
-    out.write_all(n.format(s.pid).as_bytes())?;
-    out.write_all(b",\"comm\":")?;
-    json_str(out, &s.comm.as_str())?;
-    write_endpoints_json(out, s.family, s.saddr, s.sport, s.daddr, s.dport)?;
-    out.write_all(b",\"oldstate\":\"")?;
-    out.write_all(s.oldstate.name().as_bytes())?;
-    out.write_all(b"\",\"newstate\":\"")?;
-    out.write_all(s.newstate.name().as_bytes())?;
-    out.write_all(b"\",\"prev_state_ns\":")?;
-    out.write_all(n.format(s.prev_state_ns).as_bytes())?;
-    out.write_all(b",\"netns\":")?;
-    out.write_all(n.format(s.netns).as_bytes())?;
-    out.write_all(b"}\n")
-}
-
-fn write_segment_json<W: Write + ?Sized>(out: &mut W, s: &Segment) -> io::Result<()> {
-    let mut n = itoa::Buffer::new();
-    out.write_all(b"{\"type\":\"segment\",\"ts_ns\":")?;
-    out.write_all(n.format(s.ts_ns).as_bytes())?;
-    out.write_all(b",\"ifindex\":")?;
-    out.write_all(n.format(s.ifindex).as_bytes())?;
-    if let Some(iface) = &s.iface {
-        out.write_all(b",\"iface\":")?;
-        json_str(out, iface)?;
-    }
-    out.write_all(match s.dir {
-        Dir::Ingress => b",\"dir\":\"ingress\"",
-        Dir::Egress => b",\"dir\":\"egress\"",
-        Dir::Capture => b",\"dir\":\"capture\"",
-    })?;
-    write_endpoints_json(out, s.family, s.saddr, s.sport, s.daddr, s.dport)?;
-    out.write_all(b",\"flags\":\"")?;
-    out.write_all(s.flags.tcpdump(&mut [0; 8]).as_bytes())?;
-    out.write_all(b"\",\"seq\":")?;
-    out.write_all(n.format(s.seq).as_bytes())?;
-    out.write_all(b",\"ack\":")?;
-    out.write_all(n.format(s.ack).as_bytes())?;
-    out.write_all(b",\"win\":")?;
-    out.write_all(n.format(s.win).as_bytes())?;
-    out.write_all(b",\"len\":")?;
-    out.write_all(n.format(s.len).as_bytes())?;
-    out.write_all(b",\"options\":")?;
-    write_options_json(out, &s.options)?;
-    if s.netns != 0 {
-        out.write_all(b",\"netns\":")?;
-        out.write_all(n.format(s.netns).as_bytes())?;
-    }
-    out.write_all(b"}\n")
-}
-
-/// `"family":…,"saddr":…,"sport":…,"daddr":…,"dport":…`, shared by both kinds.
-fn write_endpoints_json<W: Write + ?Sized>(
-    out: &mut W,
-    family: Family,
-    saddr: IpAddr,
-    sport: u16,
-    daddr: IpAddr,
-    dport: u16,
-) -> io::Result<()> {
-    let mut n = itoa::Buffer::new();
-    out.write_all(match family {
-        Family::Ipv4 => b",\"family\":\"ipv4\"",
-        Family::Ipv6 => b",\"family\":\"ipv6\"",
-    })?;
-    out.write_all(b",\"saddr\":\"")?;
-    write_ip(out, saddr)?;
-    out.write_all(b"\",\"sport\":")?;
-    out.write_all(n.format(sport).as_bytes())?;
-    out.write_all(b",\"daddr\":\"")?;
-    write_ip(out, daddr)?;
-    out.write_all(b"\",\"dport\":")?;
-    out.write_all(n.format(dport).as_bytes())
-}
-
-/// An address as its `Display` prints it. IPv4 is written octet by octet:
-/// `Ipv4Addr`'s `Display` (padding support, a formatter per octet) was a
-/// visible share of every event line; IPv6's compression rules stay std's.
-fn write_ip<W: Write + ?Sized>(out: &mut W, ip: IpAddr) -> io::Result<()> {
-    let IpAddr::V4(v4) = ip else {
-        return write!(out, "{ip}");
-    };
-    let mut buf = [0u8; 15];
-    let mut len = 0;
-    let mut n = itoa::Buffer::new();
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            buf[len] = b'.';
-            len += 1;
-        }
-        let digits = n.format(octet).as_bytes();
-        buf[len..len + digits.len()].copy_from_slice(digits);
-        len += digits.len();
-    }
-    out.write_all(&buf[..len])
-}
-
-fn write_options_json<W: Write + ?Sized>(out: &mut W, o: &TcpOptions) -> io::Result<()> {
-    let mut n = itoa::Buffer::new();
-    let mut sep = b'{';
-    let mut field = |out: &mut W, key: &[u8], value: &[u8]| {
-        out.write_all(&[sep, b'"'])?;
-        sep = b',';
-        out.write_all(key)?;
-        out.write_all(b"\":")?;
-        out.write_all(value)
-    };
-    if let Some(v) = o.mss {
-        field(out, b"mss", n.format(v).as_bytes())?;
-    }
-    if let Some(v) = o.wscale {
-        field(out, b"wscale", n.format(v).as_bytes())?;
-    }
-    if o.sack_ok {
-        field(out, b"sack_ok", b"true")?;
-    }
-    if let Some(v) = o.tsval {
-        field(out, b"tsval", n.format(v).as_bytes())?;
-    }
-    if let Some(v) = o.tsecr {
-        field(out, b"tsecr", n.format(v).as_bytes())?;
-    }
-    if sep == b'{' {
-        out.write_all(b"{")?;
-    }
-    out.write_all(b"}")
-}
-
-/// `,"key":value` pairs of a JSON object whose first key is already out;
-/// keys are fixed ASCII, written as bytes.
-struct Fields<'a, W: ?Sized> {
-    out: &'a mut W,
-    n: itoa::Buffer,
-}
-
-impl<W: Write + ?Sized> Fields<'_, W> {
-    fn key(&mut self, key: &str) -> io::Result<()> {
-        self.out.write_all(b",\"")?;
-        self.out.write_all(key.as_bytes())?;
-        self.out.write_all(b"\":")
-    }
-
-    fn int<T: itoa::Integer>(&mut self, key: &str, v: T) -> io::Result<()> {
-        self.key(key)?;
-        self.out.write_all(self.n.format(v).as_bytes())
-    }
-
-    /// Left out when absent (the per-step fields).
-    fn some<T: itoa::Integer>(&mut self, key: &str, v: Option<T>) -> io::Result<()> {
-        v.map_or(Ok(()), |v| self.int(key, v))
-    }
-
-    /// `null` when absent (the top-level fields, always present).
-    fn nullable<T: itoa::Integer>(&mut self, key: &str, v: Option<T>) -> io::Result<()> {
-        match v {
-            Some(v) => self.int(key, v),
-            None => {
-                self.key(key)?;
-                self.out.write_all(b"null")
-            }
-        }
-    }
-
-    fn str(&mut self, key: &str, v: &str) -> io::Result<()> {
-        self.key(key)?;
-        json_str(self.out, v)
-    }
-
-    /// A value that needs no escaping, as its `Display` prints it.
-    fn display(&mut self, key: &str, v: impl fmt::Display) -> io::Result<()> {
-        self.key(key)?;
-        write!(self.out, "\"{v}\"")
-    }
-
-    /// The rarer nested parts, through their derived `Serialize`.
-    fn serde(&mut self, key: &str, v: &impl serde::Serialize) -> io::Result<()> {
-        self.key(key)?;
-        serde_json::to_writer(&mut *self.out, v).map_err(io::Error::from)
-    }
+    with_line(out, |j| match ev {
+        Event::State(s) => j.state(s),
+        Event::Segment(s) => j.segment(s),
+    })
 }
 
 /// The connection line, byte for byte what the derived `Serialize` writes
-/// (`connection_json_matches_serde` checks it): serde_json's per-key
-/// escaping and dispatch were most of the JSON output's cost, and every
-/// step repeats a dozen keys.
+/// (`connection_json_matches_serde` and the tests below check it).
 fn write_connection_json<W: Write + ?Sized>(out: &mut W, c: &Connection) -> io::Result<()> {
-    out.write_all(b"{\"type\":")?;
-    json_str(out, c.record_type)?;
-    let mut f = Fields {
-        out,
-        n: itoa::Buffer::new(),
+    with_line(out, |j| j.connection(c))
+}
+
+/// `v` in decimal, left-aligned in `d`; returns the number of digits.
+fn decimal(mut v: u64, d: &mut [u8; 20]) -> usize {
+    /// "00", "01", …, "99": two digits per division.
+    const PAIRS: [u8; 200] = {
+        let mut t = [0; 200];
+        let mut i = 0;
+        while i < 100 {
+            t[2 * i] = b'0' + (i / 10) as u8;
+            t[2 * i + 1] = b'0' + (i % 10) as u8;
+            i += 1;
+        }
+        t
     };
-    f.display("client", c.client)?;
-    f.display("server", c.server)?;
-    f.serde("family", &c.family)?;
-    f.some("netns", c.netns)?;
-    f.nullable("isn_client", c.isn_client)?;
-    f.nullable("isn_server", c.isn_server)?;
-    f.nullable("handshake_rtt_ns", c.handshake_rtt_ns)?;
-    f.nullable("handshake_rtt_server_ns", c.handshake_rtt_server_ns)?;
-    f.nullable("bytes_client", c.bytes_client)?;
-    f.nullable("bytes_server", c.bytes_server)?;
-    f.serde("open", &c.open)?;
-    f.serde("close", &c.close)?;
-    f.serde("closed_by", &c.closed_by)?;
-    f.int("first_ts_ns", c.first_ts_ns)?;
-    f.int("last_ts_ns", c.last_ts_ns)?;
-    f.int("duration_ns", c.duration_ns)?;
-    f.serde("end_reason", &c.end_reason)?;
-    f.int("segments", c.segments)?;
-    f.int("retransmissions", c.retransmissions)?;
-    f.serde("views", &c.views)?;
-    f.key("steps")?;
-    for (i, st) in c.steps.iter().enumerate() {
-        f.out.write_all(if i == 0 { b"[" } else { b"," })?;
-        write_step_json(&mut f, st)?;
+    let n = v.checked_ilog10().map_or(1, |l| l as usize + 1);
+    let mut i = n;
+    while v >= 100 {
+        let r = (v % 100) as usize * 2;
+        v /= 100;
+        i -= 2;
+        d[i..i + 2].copy_from_slice(&PAIRS[r..r + 2]);
     }
-    f.out
-        .write_all(if c.steps.is_empty() { b"[]" } else { b"]" })?;
-    f.serde("anomalies", &c.anomalies)?;
-    f.serde("states", &c.states)?;
-    f.serde("time_wait", &c.time_wait)?;
-    f.out.write_all(b"}\n")
+    if v >= 10 {
+        let r = v as usize * 2;
+        d[..2].copy_from_slice(&PAIRS[r..r + 2]);
+    } else {
+        d[0] = b'0' + v as u8;
+    }
+    n
 }
 
-fn write_step_json<W: Write + ?Sized>(f: &mut Fields<'_, W>, st: &Step) -> io::Result<()> {
-    f.out.write_all(b"{\"ts_ns\":")?;
-    f.out.write_all(f.n.format(st.ts_ns).as_bytes())?;
-    f.int("rel_ns", st.rel_ns)?;
-    f.serde("kind", &st.kind)?;
-    f.str("name", &st.name)?;
-    if let Some(rule) = &st.rule {
-        f.str("rule", rule)?;
-    }
-    f.str("explain", &st.explain)?;
-    if let Some(from) = st.from {
-        f.serde("from", &from)?;
-    }
-    if let Some(flags) = st.flags {
-        f.display("flags", flags)?;
-    }
-    f.some("seq", st.seq)?;
-    f.some("ack", st.ack)?;
-    f.some("rel_seq", st.rel_seq)?;
-    f.some("rel_ack", st.rel_ack)?;
-    f.some("len", st.len)?;
-    f.some("win", st.win)?;
-    if let Some(o) = &st.options {
-        f.key("options")?;
-        write_options_json(f.out, o)?;
-    }
-    if st.retransmission {
-        f.key("retransmission")?;
-        f.out.write_all(b"true")?;
-    }
-    if !st.observations.is_empty() {
-        f.serde("observations", &st.observations)?;
-    }
-    if let Some(side) = st.side {
-        f.serde("side", &side)?;
-    }
-    if let Some(sk) = st.skaddr {
-        f.display("skaddr", format_args!("{sk:#x}"))?;
-    }
-    if let Some(s) = st.oldstate {
-        f.display("oldstate", s)?;
-    }
-    if let Some(s) = st.newstate {
-        f.display("newstate", s)?;
-    }
-    f.some("in_state_ns", st.in_state_ns)?;
-    f.some("pid", st.pid)?;
-    if let Some(comm) = &st.comm {
-        f.str("comm", &comm.as_str())?;
-    }
-    f.some("netns", st.netns)?;
-    f.some("matched_step", st.matched_step)?;
-    f.some("end_ts_ns", st.end_ts_ns)?;
-    f.some("segments", st.segments)?;
-    f.some("bytes_client", st.bytes_client)?;
-    f.some("bytes_server", st.bytes_server)?;
-    f.some("retransmissions", st.retransmissions)?;
-    f.out.write_all(b"}")
+/// The JSON line being assembled. Keys are fixed ASCII (see [`key!`]);
+/// the helpers are inlined so that each key is copied as a constant.
+struct Json<'a> {
+    buf: &'a mut Vec<u8>,
 }
 
-/// A JSON string; serde_json's escaping only when a byte needs it.
-fn json_str<W: Write + ?Sized>(out: &mut W, s: &str) -> io::Result<()> {
-    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-        serde_json::to_writer(&mut *out, s)?;
-        return Ok(());
+impl Json<'_> {
+    #[inline(always)]
+    fn raw(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
     }
-    out.write_all(b"\"")?;
-    out.write_all(s.as_bytes())?;
-    out.write_all(b"\"")
+
+    /// Room for up to `N` bytes at the end of the line, which `fill`
+    /// writes in place and returns how many it used. Formatting in a
+    /// stack array and copying it out costs a `memcpy` call, or (as a
+    /// fixed-size copy) a stall: the wide load waits for the byte stores.
+    #[inline(always)]
+    fn fill<const N: usize>(&mut self, fill: impl FnOnce(&mut [u8; N]) -> usize) {
+        let start = self.buf.len();
+        self.buf.resize(start + N, 0);
+        let room = (&mut self.buf[start..]).try_into().expect("N bytes");
+        let used = fill(room);
+        self.buf.truncate(start + used);
+    }
+
+    #[inline(always)]
+    fn uint(&mut self, v: u64) {
+        self.fill(|d| decimal(v, d));
+    }
+
+    #[inline(always)]
+    fn int(&mut self, key: &[u8], v: impl Into<u64>) {
+        self.raw(key);
+        self.uint(v.into());
+    }
+
+    /// Left out when absent (the per-step fields).
+    #[inline(always)]
+    fn some(&mut self, key: &[u8], v: Option<impl Into<u64>>) {
+        if let Some(v) = v {
+            self.int(key, v);
+        }
+    }
+
+    /// `null` when absent (the top-level fields, always present).
+    #[inline(always)]
+    fn nullable(&mut self, key: &[u8], v: Option<impl Into<u64>>) {
+        match v {
+            Some(v) => self.int(key, v),
+            None => self.null(key),
+        }
+    }
+
+    #[inline(always)]
+    fn null(&mut self, key: &[u8]) {
+        self.raw(key);
+        self.raw(b"null");
+    }
+
+    #[inline(always)]
+    fn str(&mut self, key: &[u8], v: &str) {
+        self.raw(key);
+        self.json_str(v);
+    }
+
+    /// A fixed name that needs no escaping: an enum variant, a TCP state,
+    /// tcpdump's flag letters.
+    #[inline(always)]
+    fn name(&mut self, key: &[u8], v: &str) {
+        self.raw(key);
+        self.raw(b"\"");
+        self.raw(v.as_bytes());
+        self.raw(b"\"");
+    }
+
+    /// A kernel address as `"0x…"`, as `{:#x}` prints it (lowercase, no
+    /// leading zeros, `0x0` for 0), without a formatter.
+    #[inline(always)]
+    fn hex(&mut self, key: &[u8], v: u64) {
+        self.raw(key);
+        self.fill::<20>(|d| {
+            let n = (v.checked_ilog2().unwrap_or(0) / 4 + 1) as usize;
+            d[..3].copy_from_slice(b"\"0x");
+            for (i, digit) in d[3..3 + n].iter_mut().rev().enumerate() {
+                *digit = b"0123456789abcdef"[((v >> (4 * i)) & 0xf) as usize];
+            }
+            d[3 + n] = b'"';
+            n + 4
+        });
+    }
+
+    /// An address as its `Display` prints it. IPv4 is written octet by
+    /// octet (std's `Display` goes through a formatter per octet, a visible
+    /// share of every event line); IPv6's compression rules stay std's.
+    fn ip(&mut self, key: &[u8], ip: IpAddr) {
+        self.raw(key);
+        self.raw(b"\"");
+        match ip {
+            IpAddr::V4(v4) => self.ipv4(v4),
+            IpAddr::V6(v6) => self.display(v6),
+        }
+        self.raw(b"\"");
+    }
+
+    fn ipv4(&mut self, ip: Ipv4Addr) {
+        self.fill::<15>(|d| {
+            let mut len = 0;
+            for (i, octet) in ip.octets().into_iter().enumerate() {
+                if i > 0 {
+                    d[len] = b'.';
+                    len += 1;
+                }
+                if octet >= 100 {
+                    d[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    d[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                d[len] = b'0' + octet % 10;
+                len += 1;
+            }
+            len
+        });
+    }
+
+    /// `SocketAddr`'s `Display`: `a.b.c.d:port`; IPv6 (`[a]:port`, with a
+    /// scope id when there is one) through std.
+    fn socket_addr(&mut self, key: &[u8], addr: SocketAddr) {
+        self.raw(key);
+        self.raw(b"\"");
+        match addr {
+            SocketAddr::V4(v4) => {
+                self.ipv4(*v4.ip());
+                self.raw(b":");
+                self.uint(v4.port().into());
+            }
+            SocketAddr::V6(_) => self.display(addr),
+        }
+        self.raw(b"\"");
+    }
+
+    fn display(&mut self, v: impl fmt::Display) {
+        use io::Write as _;
+        write!(self.buf, "{v}").expect("writing to a Vec");
+    }
+
+    /// A JSON string; serde_json's escaping only when a byte needs it.
+    fn json_str(&mut self, s: &str) {
+        // Without an early exit the check vectorises: most strings (step
+        // names, rules, explanations, comms) need no escaping.
+        let escape = s
+            .bytes()
+            .fold(false, |e, c| e | (c < 0x20) | (c == b'"') | (c == b'\\'));
+        if escape {
+            serde_json::to_writer(&mut *self.buf, s).expect("writing to a Vec");
+        } else {
+            self.raw(b"\"");
+            self.raw(s.as_bytes());
+            self.raw(b"\"");
+        }
+    }
+
+    /// Opens a list (`key` is `,"key":`); `item` writes each element.
+    #[inline(always)]
+    fn list<T>(&mut self, key: &[u8], items: &[T], mut item: impl FnMut(&mut Self, &T)) {
+        self.raw(key);
+        self.raw(b"[");
+        for (i, it) in items.iter().enumerate() {
+            if i > 0 {
+                self.raw(b",");
+            }
+            item(self, it);
+        }
+        self.raw(b"]");
+    }
+
+    fn state(&mut self, s: &StateChange) {
+        self.raw(br#"{"type":"state""#);
+        self.int(key!("ts_ns"), s.ts_ns);
+        self.hex(key!("skaddr"), s.skaddr);
+        self.int(key!("pid"), s.pid);
+        self.str(key!("comm"), &s.comm.as_str());
+        self.endpoints(s.family, s.saddr, s.sport, s.daddr, s.dport);
+        self.name(key!("oldstate"), s.oldstate.name());
+        self.name(key!("newstate"), s.newstate.name());
+        self.int(key!("prev_state_ns"), s.prev_state_ns);
+        self.int(key!("netns"), s.netns);
+        self.raw(b"}\n");
+    }
+
+    fn segment(&mut self, s: &Segment) {
+        self.raw(br#"{"type":"segment""#);
+        self.int(key!("ts_ns"), s.ts_ns);
+        self.int(key!("ifindex"), s.ifindex);
+        if let Some(iface) = &s.iface {
+            self.str(key!("iface"), iface);
+        }
+        self.name(key!("dir"), s.dir.name());
+        self.endpoints(s.family, s.saddr, s.sport, s.daddr, s.dport);
+        self.name(key!("flags"), s.flags.tcpdump(&mut [0; 8]));
+        self.int(key!("seq"), s.seq);
+        self.int(key!("ack"), s.ack);
+        self.int(key!("win"), s.win);
+        self.int(key!("len"), s.len);
+        self.options(&s.options);
+        if s.netns != 0 {
+            self.int(key!("netns"), s.netns);
+        }
+        self.raw(b"}\n");
+    }
+
+    /// `"family":…,"saddr":…,"sport":…,"daddr":…,"dport":…`, shared by both kinds.
+    fn endpoints(&mut self, family: Family, saddr: IpAddr, sport: u16, daddr: IpAddr, dport: u16) {
+        self.name(key!("family"), family.name());
+        self.ip(key!("saddr"), saddr);
+        self.int(key!("sport"), sport);
+        self.ip(key!("daddr"), daddr);
+        self.int(key!("dport"), dport);
+    }
+
+    /// `,"options":{…}`, the options that are there.
+    fn options(&mut self, o: &TcpOptions) {
+        self.raw(key!("options"));
+        let start = self.buf.len();
+        if let Some(v) = o.mss {
+            self.int(key!("mss"), v);
+        }
+        if let Some(v) = o.wscale {
+            self.int(key!("wscale"), v);
+        }
+        if o.sack_ok {
+            self.raw(br#","sack_ok":true"#);
+        }
+        if let Some(v) = o.tsval {
+            self.int(key!("tsval"), v);
+        }
+        if let Some(v) = o.tsecr {
+            self.int(key!("tsecr"), v);
+        }
+        // Each option came with a comma; the first one's opens the object.
+        match self.buf.get_mut(start) {
+            Some(comma) => *comma = b'{',
+            None => self.raw(b"{"),
+        }
+        self.raw(b"}");
+    }
+
+    fn connection(&mut self, c: &Connection) {
+        self.raw(b"{\"type\":");
+        self.json_str(c.record_type);
+        self.socket_addr(key!("client"), c.client);
+        self.socket_addr(key!("server"), c.server);
+        self.name(key!("family"), c.family.name());
+        self.some(key!("netns"), c.netns);
+        self.nullable(key!("isn_client"), c.isn_client);
+        self.nullable(key!("isn_server"), c.isn_server);
+        self.nullable(key!("handshake_rtt_ns"), c.handshake_rtt_ns);
+        self.nullable(key!("handshake_rtt_server_ns"), c.handshake_rtt_server_ns);
+        self.nullable(key!("bytes_client"), c.bytes_client);
+        self.nullable(key!("bytes_server"), c.bytes_server);
+        self.name(key!("open"), c.open.name());
+        self.name(key!("close"), c.close.name());
+        match c.closed_by {
+            Some(side) => self.name(key!("closed_by"), side.name()),
+            None => self.null(key!("closed_by")),
+        }
+        self.int(key!("first_ts_ns"), c.first_ts_ns);
+        self.int(key!("last_ts_ns"), c.last_ts_ns);
+        self.int(key!("duration_ns"), c.duration_ns);
+        self.name(key!("end_reason"), end_reason_name(c.end_reason));
+        self.int(key!("segments"), c.segments);
+        self.int(key!("retransmissions"), c.retransmissions);
+        self.views(c.views);
+        self.list(key!("steps"), &c.steps, Self::step);
+        self.list(key!("anomalies"), &c.anomalies, Self::anomaly);
+        self.list(key!("states"), &c.states, Self::socket_states);
+        match &c.time_wait {
+            Some(tw) => self.time_wait(tw),
+            None => self.null(key!("time_wait")),
+        }
+        self.raw(b"}\n");
+    }
+
+    fn views(&mut self, v: Views) {
+        let b = |v| if v { "true" } else { "false" };
+        self.raw(key!("views"));
+        self.raw(b"{\"wire\":");
+        self.raw(b(v.wire).as_bytes());
+        self.raw(key!("kernel"));
+        self.raw(b(v.kernel).as_bytes());
+        self.raw(key!("live"));
+        self.raw(b(v.live).as_bytes());
+        self.raw(b"}");
+    }
+
+    fn step(&mut self, st: &Step) {
+        self.int(key!({ "ts_ns" }), st.ts_ns);
+        self.int(key!("rel_ns"), st.rel_ns);
+        self.name(key!("kind"), step_kind_name(st.kind));
+        self.str(key!("name"), &st.name);
+        if let Some(rule) = &st.rule {
+            self.str(key!("rule"), rule);
+        }
+        self.str(key!("explain"), &st.explain);
+        if let Some(from) = st.from {
+            self.name(key!("from"), from.name());
+        }
+        if let Some(flags) = st.flags {
+            self.name(key!("flags"), flags.tcpdump(&mut [0; 8]));
+        }
+        self.some(key!("seq"), st.seq);
+        self.some(key!("ack"), st.ack);
+        self.some(key!("rel_seq"), st.rel_seq);
+        self.some(key!("rel_ack"), st.rel_ack);
+        self.some(key!("len"), st.len);
+        self.some(key!("win"), st.win);
+        if let Some(o) = &st.options {
+            self.options(o);
+        }
+        if st.retransmission {
+            self.raw(br#","retransmission":true"#);
+        }
+        if !st.observations.is_empty() {
+            self.list(key!("observations"), &st.observations, Self::observation);
+        }
+        if let Some(side) = st.side {
+            self.name(key!("side"), side.name());
+        }
+        if let Some(sk) = st.skaddr {
+            self.hex(key!("skaddr"), sk);
+        }
+        if let Some(s) = st.oldstate {
+            self.name(key!("oldstate"), s.name());
+        }
+        if let Some(s) = st.newstate {
+            self.name(key!("newstate"), s.name());
+        }
+        self.some(key!("in_state_ns"), st.in_state_ns);
+        self.some(key!("pid"), st.pid);
+        if let Some(comm) = &st.comm {
+            self.str(key!("comm"), &comm.as_str());
+        }
+        self.some(key!("netns"), st.netns);
+        self.some(key!("matched_step"), st.matched_step.map(|i| i as u64));
+        self.some(key!("end_ts_ns"), st.end_ts_ns);
+        self.some(key!("segments"), st.segments);
+        self.some(key!("bytes_client"), st.bytes_client);
+        self.some(key!("bytes_server"), st.bytes_server);
+        self.some(key!("retransmissions"), st.retransmissions);
+        self.raw(b"}");
+    }
+
+    fn observation(&mut self, o: &Observation) {
+        self.int(key!({ "netns" }), o.netns);
+        self.int(key!("ifindex"), o.ifindex);
+        if let Some(iface) = &o.iface {
+            self.str(key!("iface"), iface);
+        }
+        self.name(key!("dir"), o.dir.name());
+        self.int(key!("ts_ns"), o.ts_ns);
+        self.raw(b"}");
+    }
+
+    fn anomaly(&mut self, a: &Anomaly) {
+        self.name(key!({ "kind" }), a.kind.name());
+        self.int(key!("count"), a.count);
+        if let Some(side) = a.side {
+            self.name(key!("side"), side.name());
+        }
+        if let Some(state) = &a.state {
+            self.str(key!("state"), state);
+        }
+        self.some(key!("ts_ns"), a.ts_ns);
+        self.some(key!("step"), a.step.map(|i| i as u64));
+        self.str(key!("detail"), &a.detail);
+        self.raw(b"}");
+    }
+
+    fn socket_states(&mut self, s: &SocketStates) {
+        self.hex(key!({ "skaddr" }), s.skaddr);
+        self.name(key!("side"), s.side.name());
+        self.int(key!("pid"), s.pid);
+        self.str(key!("comm"), &s.comm.as_str());
+        self.int(key!("netns"), s.netns);
+        self.list(key!("states"), &s.states, |j, span| {
+            j.name(key!({ "state" }), span.state.name());
+            j.nullable(key!("ns"), span.ns);
+            j.raw(b"}");
+        });
+        self.raw(b"}");
+    }
+
+    fn time_wait(&mut self, tw: &TimeWait) {
+        self.raw(key!("time_wait"));
+        self.name(key!({ "side" }), tw.side.name());
+        self.int(key!("since_ts_ns"), tw.since_ts_ns);
+        self.int(key!("rel_ns"), tw.rel_ns);
+        self.str(key!("source"), tw.source);
+        self.int(key!("expected_ns"), tw.expected_ns);
+        self.str(key!("detail"), &tw.detail);
+        self.raw(b"}");
+    }
+}
+
+// The serde names of the model's enums that have no `name()` of their own;
+// `enum_names_match_serde` holds these and the `name()`s used above to the
+// derived `Serialize`.
+
+fn step_kind_name(k: StepKind) -> &'static str {
+    match k {
+        StepKind::Wire => "wire",
+        StepKind::Kernel => "kernel",
+        StepKind::Data => "data",
+        StepKind::Inferred => "inferred",
+    }
+}
+
+fn end_reason_name(r: EndReason) -> &'static str {
+    match r {
+        EndReason::Closed => "closed",
+        EndReason::Superseded => "superseded",
+        EndReason::IdleTimeout => "idle_timeout",
+        EndReason::Evicted => "evicted",
+        EndReason::EndOfInput => "end_of_input",
+    }
 }
 
 /// One readable line: the transition, or the segment as tcpdump prints it.
@@ -485,8 +694,12 @@ pub fn connection<W: Write + ?Sized>(out: &mut W, mode: Mode, c: &Connection) ->
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+    use std::net::SocketAddrV6;
+
     use super::*;
     use crate::event::{TcpFlags, TcpState};
+    use crate::matcher::{AnomalyKind, Close, Open, Side, StateSpan};
 
     /// Live events of both kinds, with every optional field present.
     fn events() -> [Event; 2] {
@@ -612,5 +825,364 @@ mod tests {
             "23:13:20.123456    4242 curl            [2001:db8::1]:40000 → [2001:db8::2]:80  ESTABLISHED → FIN_WAIT1  (1.235 ms in ESTABLISHED)\n\
              01:00:05.000001 veth0 egress  IP 10.0.0.1.40000 > 192.168.255.2.80: Flags [FP.], seq 100:110, ack 200, win 502, options [TS val 1 ecr 2], length 10\n"
         );
+    }
+
+    /// The hand-written event lines over the values whose formatting is
+    /// hand-written: numbers at digit boundaries, IPv4 octets of every
+    /// width, kernel addresses from 0 to all ones.
+    #[test]
+    fn event_json_numbers_and_addresses_match_serde() {
+        let [Event::State(state), Event::Segment(segment)] = events() else {
+            unreachable!()
+        };
+        let mut cases = Vec::new();
+        for (i, sk) in [
+            0,
+            1,
+            0xf,
+            0x10,
+            0xabc,
+            u64::MAX,
+            1 << 63,
+            0x0123_4567_89ab_cdef,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let ip = |a: u8, b: u8| IpAddr::from([a, b, 0, 255]);
+            cases.push(Event::State(StateChange {
+                skaddr: sk,
+                ts_ns: [0, 9, 10, 99, 100, 999, u64::MAX, 10u64.pow(19)][i],
+                pid: [0, 1, 10, 4_294_967_295, 100, 1000, 12_345, 99_999][i],
+                saddr: ip(i as u8 * 36, 255 - i as u8),
+                daddr: ip(10 + i as u8, 100 + i as u8),
+                prev_state_ns: 10u64.pow(i as u32 * 2) - 1,
+                netns: u32::MAX - i as u32,
+                oldstate: TcpState::from_kernel(i as u8 * 2),
+                newstate: TcpState::from_kernel(i as u8 * 2 + 1),
+                ..state.clone()
+            }));
+        }
+        for (sport, dport) in [(0, 65535), (9, 10), (99, 100), (999, 1000)] {
+            cases.push(Event::Segment(Segment {
+                sport,
+                dport,
+                seq: u32::MAX,
+                ack: 0,
+                win: u16::MAX,
+                len: 1,
+                ifindex: u32::MAX,
+                flags: TcpFlags(sport as u8),
+                ..segment.clone()
+            }));
+        }
+        for ev in &cases {
+            let mut ours = Vec::new();
+            write_event_json(&mut ours, ev).expect("writing to a Vec");
+            let mut want = serde_json::to_vec(ev).expect("serialising");
+            want.push(b'\n');
+            assert_eq!(String::from_utf8(ours), String::from_utf8(want));
+        }
+    }
+
+    #[test]
+    fn decimal_prints_as_display() {
+        let mut values = vec![0, u64::MAX, u64::MAX - 1];
+        for p in 0..20 {
+            let t = 10u64.pow(p);
+            values.extend([t - 1, t, t + 1, t * 5 + 3]);
+        }
+        for v in values {
+            let mut d = [0; 20];
+            let n = decimal(v, &mut d);
+            assert_eq!(std::str::from_utf8(&d[..n]), Ok(v.to_string().as_str()));
+        }
+    }
+
+    /// The `name()`s the JSON writers use for enums, against the derived
+    /// `Serialize` (its `rename_all`), every variant.
+    #[test]
+    fn enum_names_match_serde() {
+        fn check<T: serde::Serialize>(v: T, name: &str) {
+            assert_eq!(
+                serde_json::to_string(&v).expect("serialising"),
+                format!("\"{name}\"")
+            );
+        }
+        for v in [Family::Ipv4, Family::Ipv6] {
+            check(v, v.name());
+        }
+        for v in [Dir::Ingress, Dir::Egress, Dir::Capture] {
+            check(v, v.name());
+        }
+        for v in [Side::Client, Side::Server, Side::Both] {
+            check(v, v.name());
+        }
+        for v in [
+            Open::Active,
+            Open::Passive,
+            Open::Simultaneous,
+            Open::Unknown,
+        ] {
+            check(v, v.name());
+        }
+        for v in [
+            Close::FourSegment,
+            Close::ThreeSegment,
+            Close::Simultaneous,
+            Close::Reset,
+            Close::Unfinished,
+        ] {
+            check(v, v.name());
+        }
+        for v in [
+            EndReason::Closed,
+            EndReason::Superseded,
+            EndReason::IdleTimeout,
+            EndReason::Evicted,
+            EndReason::EndOfInput,
+        ] {
+            check(v, end_reason_name(v));
+        }
+        for v in [
+            StepKind::Wire,
+            StepKind::Kernel,
+            StepKind::Data,
+            StepKind::Inferred,
+        ] {
+            check(v, step_kind_name(v));
+        }
+        for v in [
+            AnomalyKind::SynRetransmit,
+            AnomalyKind::SynackRetransmit,
+            AnomalyKind::Refused,
+            AnomalyKind::Reset,
+            AnomalyKind::BadAck,
+            AnomalyKind::HandshakeSeqMismatch,
+            AnomalyKind::StateWithoutSegment,
+            AnomalyKind::SegmentWithoutState,
+            AnomalyKind::HandshakeUnfinished,
+            AnomalyKind::CloseUnfinished,
+            AnomalyKind::Truncated,
+        ] {
+            check(v, v.name());
+        }
+        for v in 0..=u8::MAX {
+            check(TcpState::from_kernel(v), TcpState::from_kernel(v).name());
+            check(TcpFlags(v), TcpFlags(v).tcpdump(&mut [0; 8]));
+        }
+    }
+
+    /// A connection record with every part the matcher can fill in, and
+    /// the optional ones both present and absent.
+    fn full_connection() -> Connection {
+        let v6 = |s: &str, port| SocketAddr::new(s.parse().expect("literal"), port);
+        let mut wire = Step::new(1_000, StepKind::Wire, "SYN");
+        wire.rule = Some(Cow::Borrowed("SYN seq=x"));
+        wire.explain = Cow::Owned("x = 1: \"quoted\", back\\slash\ttab, é → ✓".into());
+        wire.from = Some(Side::Client);
+        wire.flags = Some(TcpFlags(TcpFlags::SYN | TcpFlags::ECE | TcpFlags::CWR));
+        wire.seq = Some(u32::MAX);
+        wire.ack = Some(0);
+        wire.rel_seq = Some(0);
+        wire.rel_ack = Some(1);
+        wire.len = Some(0);
+        wire.win = Some(u16::MAX);
+        wire.options = Some(TcpOptions {
+            mss: Some(1460),
+            wscale: Some(0),
+            sack_ok: true,
+            tsval: Some(u32::MAX),
+            tsecr: Some(0),
+        });
+        wire.retransmission = true;
+        wire.observations = vec![
+            Observation {
+                netns: 4026531840,
+                ifindex: 1,
+                iface: Some("lo".into()),
+                dir: Dir::Egress,
+                ts_ns: 1_000,
+            },
+            Observation {
+                netns: 0,
+                ifindex: 7,
+                iface: None,
+                dir: Dir::Ingress,
+                ts_ns: 1_001,
+            },
+        ];
+        let mut bare = Step::new(2_000, StepKind::Wire, "ACK");
+        bare.rel_ns = 1_000;
+        bare.flags = Some(TcpFlags(0));
+        bare.options = Some(TcpOptions::default());
+        bare.observations = vec![Observation {
+            netns: 1,
+            ifindex: 2,
+            iface: Some("we\"ird\n".into()),
+            dir: Dir::Capture,
+            ts_ns: 0,
+        }];
+        let mut kernel = Step::new(3_000, StepKind::Kernel, "SYN_SENT → ESTABLISHED");
+        kernel.rel_ns = 2_000;
+        kernel.side = Some(Side::Server);
+        kernel.skaddr = Some(0);
+        kernel.oldstate = Some(TcpState::SynSent);
+        kernel.newstate = Some(TcpState::Unknown(99));
+        kernel.in_state_ns = Some(0);
+        kernel.pid = Some(u32::MAX);
+        kernel.comm = Some("a\"b\\c\n\u{1}".into());
+        kernel.netns = Some(4026531840);
+        kernel.matched_step = Some(0);
+        let mut data = Step::new(4_000, StepKind::Data, Cow::Owned("data".into()));
+        data.end_ts_ns = Some(u64::MAX);
+        data.segments = Some(10);
+        data.bytes_client = Some(0);
+        data.bytes_server = Some(1 << 40);
+        data.retransmissions = Some(3);
+        let mut inferred = Step::new(5_000, StepKind::Inferred, "TIME_WAIT (inferred)");
+        inferred.side = Some(Side::Both);
+        let mut full = Anomaly::new(AnomalyKind::Reset, "reset by the \"server\"");
+        full.count = 2;
+        full.side = Some(Side::Server);
+        full.state = Some("SYN_RECV".into());
+        full.ts_ns = Some(3_000);
+        full.step = Some(4);
+        Connection {
+            record_type: "connection",
+            client: v6("2001:db8::1", 40000),
+            server: SocketAddr::V6(SocketAddrV6::new(
+                "fe80::1".parse().expect("literal"),
+                80,
+                7,
+                3,
+            )),
+            family: Family::Ipv6,
+            netns: Some(4026531840),
+            isn_client: Some(0),
+            isn_server: Some(u32::MAX),
+            handshake_rtt_ns: Some(20_000),
+            handshake_rtt_server_ns: Some(1),
+            bytes_client: Some(0),
+            bytes_server: Some(700),
+            open: Open::Simultaneous,
+            close: Close::FourSegment,
+            closed_by: Some(Side::Both),
+            first_ts_ns: 1_000,
+            last_ts_ns: 5_000,
+            duration_ns: 4_000,
+            end_reason: EndReason::EndOfInput,
+            segments: 3,
+            retransmissions: 1,
+            views: Views {
+                wire: true,
+                kernel: true,
+                live: true,
+            },
+            steps: vec![wire, bare, kernel, data, inferred],
+            anomalies: vec![
+                full,
+                Anomaly::new(AnomalyKind::HandshakeUnfinished, ""),
+                Anomaly::new(AnomalyKind::Truncated, "tab\there"),
+            ],
+            states: vec![
+                SocketStates {
+                    skaddr: 0xffff_8880_1234_5678,
+                    side: Side::Client,
+                    pid: 1,
+                    comm: "curl".into(),
+                    netns: 2,
+                    states: vec![
+                        StateSpan {
+                            state: TcpState::SynSent,
+                            ns: Some(8_800),
+                        },
+                        StateSpan {
+                            state: TcpState::Close,
+                            ns: None,
+                        },
+                    ],
+                },
+                SocketStates {
+                    skaddr: 0x10,
+                    side: Side::Both,
+                    pid: 0,
+                    comm: "é\"".into(),
+                    netns: 0,
+                    states: Vec::new(),
+                },
+            ],
+            time_wait: Some(TimeWait {
+                side: Side::Client,
+                since_ts_ns: 5_000,
+                rel_ns: 4_000,
+                source: "wire \"quoted\"",
+                expected_ns: 60_000_000_000,
+                detail: "holds [2001:db8::1]:40000 ↔ [fe80::1%3]:80".into(),
+            }),
+        }
+    }
+
+    /// The hand-written connection line against the derived `Serialize`:
+    /// every optional part present (IPv6 with a scope id, escaping in every
+    /// kind of string), then absent or empty, then IPv4 and other variants.
+    #[test]
+    fn connection_json_matches_serde_in_every_part() {
+        let full = full_connection();
+        let bare = Connection {
+            client: SocketAddr::from(([0, 0, 0, 0], 0)),
+            server: SocketAddr::from(([255, 255, 255, 255], 65535)),
+            family: Family::Ipv4,
+            netns: None,
+            isn_client: None,
+            isn_server: None,
+            handshake_rtt_ns: None,
+            handshake_rtt_server_ns: None,
+            bytes_client: None,
+            bytes_server: None,
+            open: Open::Unknown,
+            close: Close::Unfinished,
+            closed_by: None,
+            end_reason: EndReason::IdleTimeout,
+            views: Views::default(),
+            steps: Vec::new(),
+            anomalies: Vec::new(),
+            states: Vec::new(),
+            time_wait: None,
+            ..full.clone()
+        };
+        let mut cases = vec![full.clone(), bare.clone()];
+        for (i, (open, close)) in [
+            (Open::Active, Close::ThreeSegment),
+            (Open::Passive, Close::Simultaneous),
+            (Open::Active, Close::Reset),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            cases.push(Connection {
+                client: SocketAddr::from(([10, 1, 22, 133], 20000 + i as u16)),
+                server: SocketAddr::from(([127, 0, 0, 1], 80)),
+                open,
+                close,
+                closed_by: Some([Side::Client, Side::Server, Side::Both][i]),
+                end_reason: [EndReason::Closed, EndReason::Superseded, EndReason::Evicted][i],
+                views: Views {
+                    wire: i == 0,
+                    kernel: i == 1,
+                    live: i != 1,
+                },
+                steps: full.steps[i..i + 2].to_vec(),
+                anomalies: full.anomalies[i..].to_vec(),
+                states: full.states[i.min(1)..].to_vec(),
+                ..bare.clone()
+            });
+        }
+        for c in &cases {
+            let mut ours = Vec::new();
+            connection(&mut ours, Mode::Json, c).expect("writing to a Vec");
+            let want = serde_json::to_string(c).expect("serialising") + "\n";
+            assert_eq!(String::from_utf8(ours).expect("UTF-8"), want);
+        }
     }
 }
