@@ -1148,7 +1148,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 let mut st = Step::new(
                     sc.ts_ns,
                     StepKind::Kernel,
-                    format!("{} → {}", sc.oldstate, sc.newstate),
+                    transition_name(sc.oldstate, sc.newstate),
                 );
                 st.explain = kernel_explain(sc.oldstate, sc.newstate, ks.side).into();
                 st.side = Some(ks.side);
@@ -1170,10 +1170,12 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                     let mut st =
                         Step::new(tw.since_ts_ns, StepKind::Inferred, "TIME_WAIT (inferred)");
                     st.rule = Some("TIME_WAIT (inferred: timewait socket, not traced)".into());
-                    st.explain = format!(
-                        "the {} the 4-tuple for 2·MSL (60 s on Linux) so that late segments of this incarnation die out and a retransmitted FIN can still be ACKed",
-                        if tw.side == Side::Both { "client and the server each keep" } else if tw.side == Side::Client { "client keeps" } else { "server keeps" }
-                    ).into();
+                    st.explain = match tw.side {
+                        Side::Both => "the client and the server each keep the 4-tuple for 2·MSL (60 s on Linux) so that late segments of this incarnation die out and a retransmitted FIN can still be ACKed",
+                        Side::Client => "the client keeps the 4-tuple for 2·MSL (60 s on Linux) so that late segments of this incarnation die out and a retransmitted FIN can still be ACKed",
+                        Side::Server => "the server keeps the 4-tuple for 2·MSL (60 s on Linux) so that late segments of this incarnation die out and a retransmitted FIN can still be ACKed",
+                    }
+                    .into();
                     st.side = Some(tw.side);
                     steps.push(st);
                 }
@@ -1623,6 +1625,43 @@ fn wire_step(w: &mut Wire, isn: &[Option<u32>; 2], live: bool, summarize: bool) 
     st
 }
 
+/// The states a kernel step can name; `TcpState::Unknown` is left out.
+const KNOWN_STATES: [TcpState; 13] = {
+    use TcpState::*;
+    [
+        Established,
+        SynSent,
+        SynRecv,
+        FinWait1,
+        FinWait2,
+        TimeWait,
+        Close,
+        CloseWait,
+        LastAck,
+        Listen,
+        Closing,
+        NewSynRecv,
+        BoundInactive,
+    ]
+};
+
+/// A kernel step's name, `OLD → NEW`. Every connection has several, so the
+/// names of the known pairs are formatted once per process and borrowed.
+fn transition_name(old: TcpState, new: TcpState) -> Cow<'static, str> {
+    static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let pos = |s: TcpState| KNOWN_STATES.iter().position(|&k| k == s);
+    let (Some(o), Some(n)) = (pos(old), pos(new)) else {
+        return format!("{old} → {new}").into();
+    };
+    let names = NAMES.get_or_init(|| {
+        KNOWN_STATES
+            .iter()
+            .flat_map(|o| KNOWN_STATES.iter().map(move |n| format!("{o} → {n}")))
+            .collect()
+    });
+    Cow::Borrowed(&names[o * KNOWN_STATES.len() + n])
+}
+
 /// What a transition means, in one line.
 fn kernel_explain(old: TcpState, new: TcpState, side: Side) -> &'static str {
     use TcpState::*;
@@ -1648,5 +1687,20 @@ fn kernel_explain(old: TcpState, new: TcpState, side: Side) -> &'static str {
             "aborted: RST sent or received, the socket is gone"
         }
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_names_read_as_formatted() {
+        let states = KNOWN_STATES.iter().copied().chain([TcpState::Unknown(99)]);
+        for old in states.clone() {
+            for new in states.clone() {
+                assert_eq!(transition_name(old, new), format!("{old} → {new}"));
+            }
+        }
     }
 }
