@@ -166,10 +166,51 @@ struct Progress {
     /// An RST that ends the connection (not the client's answer to a stale
     /// SYN-ACK, which leaves the handshake going).
     rst_final: bool,
-    /// (skaddr, ts, newstate) of each socket's latest transition. A
-    /// connection has one or two traced sockets (client, server child): a
-    /// scan is cheaper than a map per record.
-    sockets: Vec<(u64, u64, TcpState)>,
+    /// Each traced socket's latest transition.
+    sockets: Sockets,
+}
+
+/// A socket's latest transition, as far as `Progress` needs it.
+#[derive(Clone, Copy, Debug)]
+struct SocketSeen {
+    skaddr: u64,
+    ts: u64,
+    state: TcpState,
+}
+
+/// The traced sockets of one connection, in order of first appearance. A
+/// connection has one or two (client, server child): a scan is cheaper than
+/// a map per record, and holding two in the record spares an allocation per
+/// connection and a pointer chase into a cold one on every state change.
+#[derive(Clone, Debug, Default)]
+struct Sockets {
+    first: [Option<SocketSeen>; 2],
+    more: Vec<SocketSeen>,
+}
+
+impl Sockets {
+    fn iter(&self) -> impl Iterator<Item = &SocketSeen> {
+        self.first.iter().flatten().chain(&self.more)
+    }
+
+    fn get_mut(&mut self, skaddr: u64) -> Option<&mut SocketSeen> {
+        self.first
+            .iter_mut()
+            .flatten()
+            .chain(&mut self.more)
+            .find(|s| s.skaddr == skaddr)
+    }
+
+    fn push(&mut self, s: SocketSeen) {
+        match self.first.iter_mut().find(|f| f.is_none()) {
+            Some(free) => *free = Some(s),
+            None => self.more.push(s),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first[0].is_none()
+    }
 }
 
 fn seq_ge(a: u32, b: u32) -> bool {
@@ -253,24 +294,28 @@ impl Progress {
         if sc.newstate == TcpState::Established {
             self.established = true;
         }
-        match self.sockets.iter_mut().find(|s| s.0 == sc.skaddr) {
-            Some(s) if sc.ts_ns >= s.1 => *s = (sc.skaddr, sc.ts_ns, sc.newstate),
+        let seen = SocketSeen {
+            skaddr: sc.skaddr,
+            ts: sc.ts_ns,
+            state: sc.newstate,
+        };
+        match self.sockets.get_mut(sc.skaddr) {
+            Some(s) if sc.ts_ns >= s.ts => *s = seen,
             Some(_) => {}
-            None => self.sockets.push((sc.skaddr, sc.ts_ns, sc.newstate)),
+            None => self.sockets.push(seen),
         }
     }
 
     fn finished(&self) -> bool {
         self.rst_final
             || (self.fin_acked[0] && self.fin_acked[1])
-            || (!self.sockets.is_empty()
-                && self.sockets.iter().all(|&(_, _, s)| s == TcpState::Close))
+            || (!self.sockets.is_empty() && self.sockets.iter().all(|s| s.state == TcpState::Close))
     }
 
     fn socket_closed(&self, skaddr: u64) -> bool {
         self.sockets
             .iter()
-            .any(|&(sk, _, s)| sk == skaddr && s == TcpState::Close)
+            .any(|s| s.skaddr == skaddr && s.state == TcpState::Close)
     }
 
     /// A SYN with another ISN after the handshake (or the end) is the next
