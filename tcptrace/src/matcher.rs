@@ -390,9 +390,11 @@ pub struct Matcher {
     by_sk: IdMap<u64>,
     /// (last event ts, id), least recently active first. Entries are never
     /// removed in place (an ordered set's remove + insert on every event was
-    /// a visible share of the profile): a new entry is pushed when a record's
-    /// `last_ts` moves, and one whose record is gone or has moved on is stale,
-    /// skipped by [`Matcher::least_recent`] and dropped on compaction.
+    /// a visible share of the profile), nor pushed on every event: each
+    /// record's entry is pushed when it is created and may lag behind its
+    /// `last_ts`, never ahead. [`Matcher::least_recent`] moves a lagging entry
+    /// up to its record's `last_ts` when it reaches the top, and drops the
+    /// entry of a record that is gone (compaction drops the rest).
     by_last: BinaryHeap<Reverse<(u64, u64)>>,
     /// (deadline, id) of finished records lingering for stragglers; an
     /// entry whose record was emitted otherwise is skipped when it expires.
@@ -679,7 +681,7 @@ impl Matcher {
             },
         );
         self.by_key.insert(key, id);
-        self.note_activity(id, ts);
+        self.note_new_record(id, ts);
         id
     }
 
@@ -699,21 +701,30 @@ impl Matcher {
     }
 
     /// The least recently active record's (last event ts, id), dropping
-    /// stale entries on the way.
+    /// the entries of emitted records on the way.
+    ///
+    /// Every live record has one entry, at or before its `last_ts`; so a top
+    /// entry that is up to date is the least (last_ts, id) of all records,
+    /// and one that lags goes back in at its record's `last_ts` (once per
+    /// record per call at most: a record's time only moves on events).
     fn least_recent(&mut self) -> Option<(u64, u64)> {
-        while let Some(&Reverse((last, id))) = self.by_last.peek() {
-            if self.conns.get(&id).is_some_and(|r| r.last_ts == last) {
-                return Some((last, id));
+        while let Some(mut top) = self.by_last.peek_mut() {
+            let Reverse((last, id)) = *top;
+            match self.conns.get(&id) {
+                Some(r) if r.last_ts == last => return Some((last, id)),
+                Some(r) => *top = Reverse((r.last_ts, id)),
+                None => {
+                    std::collections::binary_heap::PeekMut::pop(top);
+                }
             }
-            self.by_last.pop();
         }
         None
     }
 
-    /// Records that only ever move forward leave stale entries behind:
-    /// rebuilt from the records once stale ones outnumber them, so memory
-    /// stays proportional to the records held (amortised O(1) per event).
-    fn note_activity(&mut self, id: u64, last_ts: u64) {
+    /// A new record's entry. Emitted records leave theirs behind: rebuilt
+    /// from the records once those outnumber them, so memory stays
+    /// proportional to the records held (amortised O(1) per record).
+    fn note_new_record(&mut self, id: u64, last_ts: u64) {
         self.by_last.push(Reverse((last_ts, id)));
         if self.by_last.len() > 2 * self.conns.len() + 64 {
             self.by_last = self
@@ -732,7 +743,6 @@ impl Matcher {
         };
         let ts = ev.ts_ns();
         r.first_ts = r.first_ts.min(ts);
-        let moved = ts > r.last_ts;
         r.last_ts = r.last_ts.max(ts);
         match &ev {
             Event::Segment(s) => {
@@ -775,9 +785,6 @@ impl Matcher {
             let deadline = r.last_ts.saturating_add(linger);
             r.deadline = Some(deadline);
             self.lingering.push(Reverse((deadline, id)));
-        }
-        if moved {
-            self.note_activity(id, ts);
         }
     }
 
