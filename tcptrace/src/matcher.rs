@@ -396,9 +396,13 @@ pub struct Matcher {
     /// up to its record's `last_ts` when it reaches the top, and drops the
     /// entry of a record that is gone (compaction drops the rest).
     by_last: BinaryHeap<Reverse<(u64, u64)>>,
-    /// (deadline, id) of finished records lingering for stragglers; an
-    /// entry whose record was emitted otherwise is skipped when it expires.
-    lingering: BinaryHeap<Reverse<(u64, u64)>>,
+    /// (deadline, id) of finished records lingering for stragglers, soonest
+    /// first; an entry whose record was emitted otherwise is skipped when it
+    /// expires. A deadline is the record's last event time plus a constant,
+    /// so they come nearly in order: a sorted deque takes most at the back
+    /// and a late one a few places before, where a heap paid a sift through
+    /// cold levels on every pop.
+    lingering: VecDeque<(u64, u64)>,
     pending: IdMap<Pending>,
     pending_order: VecDeque<u64>,
     clock: u64,
@@ -430,7 +434,7 @@ impl Matcher {
             by_key: HashMap::new(),
             by_sk: IdMap::default(),
             by_last: BinaryHeap::new(),
-            lingering: BinaryHeap::new(),
+            lingering: VecDeque::new(),
             pending: IdMap::default(),
             pending_order: VecDeque::new(),
             clock: 0,
@@ -784,16 +788,26 @@ impl Matcher {
         if r.deadline.is_none() && r.progress.finished() {
             let deadline = r.last_ts.saturating_add(linger);
             r.deadline = Some(deadline);
-            self.lingering.push(Reverse((deadline, id)));
+            self.linger(deadline, id);
+        }
+    }
+
+    fn linger(&mut self, deadline: u64, id: u64) {
+        let entry = (deadline, id);
+        if self.lingering.back().is_none_or(|&last| last < entry) {
+            self.lingering.push_back(entry);
+        } else {
+            let at = self.lingering.partition_point(|&e| e < entry);
+            self.lingering.insert(at, entry);
         }
     }
 
     fn expire_lingering(&mut self, now: u64, out: &mut Vec<Connection>) {
-        while let Some(&Reverse((deadline, id))) = self.lingering.peek() {
+        while let Some(&(deadline, id)) = self.lingering.front() {
             if deadline > now {
                 break;
             }
-            self.lingering.pop();
+            self.lingering.pop_front();
             out.extend(self.emit(id, EndReason::Closed));
         }
     }
