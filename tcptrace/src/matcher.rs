@@ -361,7 +361,6 @@ struct Record {
     deadline: Option<u64>,
     dropped: [Dropped; 2],
     events_dropped: u64,
-    skaddrs: Vec<u64>,
 }
 
 impl Record {
@@ -602,10 +601,9 @@ impl Matcher {
             }
             None => self.create(key, sc.ts_ns, out),
         };
+        // `add` enters the socket in the record's progress, which is how
+        // `emit` finds this entry again.
         self.by_sk.insert(sc.skaddr, id);
-        if let Some(r) = self.conns.get_mut(&id) {
-            r.skaddrs.push(sc.skaddr);
-        }
         if let Some(p) = self.pending.remove(&sc.skaddr) {
             for e in p.events {
                 self.add(id, Event::State(e));
@@ -681,7 +679,6 @@ impl Matcher {
                 deadline: None,
                 dropped: [Dropped::default(); 2],
                 events_dropped: 0,
-                skaddrs: Vec::new(),
             },
         );
         self.by_key.insert(key, id);
@@ -817,9 +814,10 @@ impl Matcher {
         if self.by_key.get(&r.key) == Some(&id) {
             self.by_key.remove(&r.key);
         }
-        for sk in &r.skaddrs {
-            if self.by_sk.get(sk) == Some(&id) {
-                self.by_sk.remove(sk);
+        // Every socket mapped to this record has an event in it.
+        for sk in r.progress.sockets.iter() {
+            if self.by_sk.get(&sk.skaddr) == Some(&id) {
+                self.by_sk.remove(&sk.skaddr);
             }
         }
         self.stats.emitted += 1;
