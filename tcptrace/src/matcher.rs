@@ -35,6 +35,7 @@ mod tests;
 mod tests_live;
 
 use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
@@ -832,13 +833,19 @@ impl Matcher {
 
     fn emit(&mut self, id: u64, reason: EndReason) -> Option<Connection> {
         let r = self.conns.remove(&id)?;
-        if self.by_key.get(&r.key) == Some(&id) {
-            self.by_key.remove(&r.key);
+        // The 4-tuple and the sockets may already belong to the next
+        // connection; one lookup each, not a look then a remove.
+        if let Entry::Occupied(e) = self.by_key.entry(r.key) {
+            if *e.get() == id {
+                e.remove();
+            }
         }
         // Every socket mapped to this record has an event in it.
         for sk in r.progress.sockets.iter() {
-            if self.by_sk.get(&sk.skaddr) == Some(&id) {
-                self.by_sk.remove(&sk.skaddr);
+            if let Entry::Occupied(e) = self.by_sk.entry(sk.skaddr) {
+                if *e.get() == id {
+                    e.remove();
+                }
             }
         }
         self.stats.emitted += 1;
