@@ -59,7 +59,7 @@ struct Wire<'a> {
     seg: &'a Segment,
     from: Side,
     ts: u64,
-    obs: Vec<Observation>,
+    obs: Seen,
     retrans: bool,
     class: Class,
     /// Also acknowledges the peer's FIN (FIN+ACK, data acking a FIN).
@@ -84,6 +84,32 @@ impl Wire<'_> {
 
     fn within(&self, ts: u64, window: u64) -> bool {
         self.obs.iter().any(|o| o.ts_ns.abs_diff(ts) <= window)
+    }
+}
+
+/// Where one segment was seen, in order: the one place of a capture file, or
+/// the vantage points of live tracing. The first is held inline: a Vec per
+/// segment was an allocation for every packet of a capture.
+struct Seen {
+    first: Observation,
+    more: Vec<Observation>,
+}
+
+impl Seen {
+    fn iter(&self) -> impl Iterator<Item = &Observation> {
+        std::iter::once(&self.first).chain(&self.more)
+    }
+
+    fn push(&mut self, o: Observation) {
+        self.more.push(o);
+    }
+
+    /// All of them, for a step (`more` is left empty).
+    fn take(&mut self) -> Vec<Observation> {
+        let mut all = Vec::with_capacity(1 + self.more.len());
+        all.push(self.first.clone());
+        all.append(&mut self.more);
+        all
     }
 }
 
@@ -211,7 +237,10 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 seg: s,
                 from,
                 ts: s.ts_ns,
-                obs: vec![obs],
+                obs: Seen {
+                    first: obs,
+                    more: Vec::new(),
+                },
                 // The same segment again at the same place: sent twice.
                 retrans: seen_here,
                 class: Class::Data,
@@ -1501,8 +1530,8 @@ fn kernel_close(socks: &[Sock]) -> Option<(Close, Option<Side>)> {
 /// same interface; a capture file is one such place.
 fn rtt(a: &Wire, b: &Wire) -> Option<u64> {
     let mut best: Option<(u8, u64)> = None;
-    for oa in &a.obs {
-        for ob in &b.obs {
+    for oa in a.obs.iter() {
+        for ob in b.obs.iter() {
             if oa.netns != ob.netns || oa.ifindex != ob.ifindex || ob.ts_ns < oa.ts_ns {
                 continue;
             }
@@ -1655,7 +1684,7 @@ fn wire_step(w: &mut Wire, isn: &[Option<u32>; 2], live: bool, summarize: bool) 
     }
     st.retransmission = w.retrans;
     if live {
-        st.observations = std::mem::take(&mut w.obs);
+        st.observations = w.obs.take();
     }
     st
 }
