@@ -396,9 +396,19 @@ impl Record {
     }
 }
 
+/// State changes of one socket waiting for its complete 4-tuple. Nearly
+/// always a single one (the CLOSE → SYN_SENT of a connect()), held inline:
+/// every client connection parks one, and a Vec was an allocation each.
 struct Pending {
-    events: Vec<StateChange>,
+    first: StateChange,
+    more: Vec<StateChange>,
     last_ts: u64,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        1 + self.more.len()
+    }
 }
 
 pub struct Matcher {
@@ -524,7 +534,7 @@ impl Matcher {
             match self.pending.get(&sk) {
                 Some(p) if p.last_ts.saturating_add(idle) > now_ns => break,
                 Some(p) => {
-                    self.stats.unresolved_state_events += p.events.len() as u64;
+                    self.stats.unresolved_state_events += p.len() as u64;
                     self.pending.remove(&sk);
                 }
                 None => {}
@@ -550,7 +560,7 @@ impl Matcher {
             out.extend(self.emit(id, reason));
         }
         for p in self.pending.values() {
-            self.stats.unresolved_state_events += p.events.len() as u64;
+            self.stats.unresolved_state_events += p.len() as u64;
         }
         self.pending.clear();
         self.pending_order.clear();
@@ -627,7 +637,7 @@ impl Matcher {
         // `emit` finds this entry again.
         self.by_sk.insert(sc.skaddr, id);
         if let Some(p) = self.pending.remove(&sc.skaddr) {
-            for e in p.events {
+            for e in std::iter::once(p.first).chain(p.more) {
                 self.add(id, Event::State(e));
             }
         }
@@ -637,8 +647,8 @@ impl Matcher {
     fn park(&mut self, sc: StateChange) {
         if let Some(p) = self.pending.get_mut(&sc.skaddr) {
             p.last_ts = p.last_ts.max(sc.ts_ns);
-            if p.events.len() < 64 {
-                p.events.push(sc);
+            if p.len() < 64 {
+                p.more.push(sc);
             } else {
                 self.stats.unresolved_state_events += 1;
             }
@@ -649,7 +659,7 @@ impl Matcher {
                 break;
             };
             if let Some(p) = self.pending.remove(&old) {
-                self.stats.unresolved_state_events += p.events.len() as u64;
+                self.stats.unresolved_state_events += p.len() as u64;
             }
         }
         let skaddr = sc.skaddr;
@@ -657,7 +667,8 @@ impl Matcher {
             skaddr,
             Pending {
                 last_ts: sc.ts_ns,
-                events: vec![sc],
+                first: sc,
+                more: Vec::new(),
             },
         );
         self.pending_order.push_back(skaddr);
