@@ -414,7 +414,10 @@ impl Pending {
 pub struct Matcher {
     cfg: MatcherConfig,
     next_id: u64,
-    conns: IdMap<Record>,
+    /// Boxed: a record is a few hundred bytes and sits half a second (its
+    /// linger) before emit; in the table itself, every insert, growth and
+    /// emit moved it whole, through cold memory.
+    conns: IdMap<Box<Record>>,
     /// SipHash (std's default) here: remote peers choose ports and
     /// addresses, so a cheap hash could be driven into collisions.
     by_key: HashMap<Key, u64>,
@@ -703,7 +706,7 @@ impl Matcher {
         self.stats.connections += 1;
         self.conns.insert(
             id,
-            Record {
+            Box::new(Record {
                 key,
                 events: Vec::new(),
                 first_ts: ts,
@@ -712,7 +715,7 @@ impl Matcher {
                 deadline: None,
                 dropped: [Dropped::default(); 2],
                 events_dropped: 0,
-            },
+            }),
         );
         self.by_key.insert(key, id);
         self.note_new_record(id, ts);
