@@ -35,8 +35,9 @@ mod tests;
 mod tests_live;
 
 use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
@@ -111,11 +112,32 @@ pub struct MatcherStats {
 }
 
 /// The normalised 4-tuple: `a` ≤ `b`; `netns` only for loopback, else 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Key {
     pub a: SocketAddr,
     pub b: SocketAddr,
     pub netns: u32,
+}
+
+/// Every segment looks its 4-tuple up. SipHash pays per write: an IPv4 key
+/// goes in as two words instead of the seven small pieces the derived impl
+/// writes (variant, address and port of each end, namespace).
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        match (self.a, self.b) {
+            (SocketAddr::V4(a), SocketAddr::V4(b)) => {
+                h.write_u64(u64::from(a.ip().to_bits()) << 32 | u64::from(b.ip().to_bits()));
+                h.write_u64(
+                    u64::from(a.port()) << 48 | u64::from(b.port()) << 32 | u64::from(self.netns),
+                );
+            }
+            (a, b) => {
+                a.hash(h);
+                b.hash(h);
+                self.netns.hash(h);
+            }
+        }
+    }
 }
 
 impl Key {
@@ -166,10 +188,51 @@ struct Progress {
     /// An RST that ends the connection (not the client's answer to a stale
     /// SYN-ACK, which leaves the handshake going).
     rst_final: bool,
-    /// (skaddr, ts, newstate) of each socket's latest transition. A
-    /// connection has one or two traced sockets (client, server child): a
-    /// scan is cheaper than a map per record.
-    sockets: Vec<(u64, u64, TcpState)>,
+    /// Each traced socket's latest transition.
+    sockets: Sockets,
+}
+
+/// A socket's latest transition, as far as `Progress` needs it.
+#[derive(Clone, Copy, Debug)]
+struct SocketSeen {
+    skaddr: u64,
+    ts: u64,
+    state: TcpState,
+}
+
+/// The traced sockets of one connection, in order of first appearance. A
+/// connection has one or two (client, server child): a scan is cheaper than
+/// a map per record, and holding two in the record spares an allocation per
+/// connection and a pointer chase into a cold one on every state change.
+#[derive(Clone, Debug, Default)]
+struct Sockets {
+    first: [Option<SocketSeen>; 2],
+    more: Vec<SocketSeen>,
+}
+
+impl Sockets {
+    fn iter(&self) -> impl Iterator<Item = &SocketSeen> {
+        self.first.iter().flatten().chain(&self.more)
+    }
+
+    fn get_mut(&mut self, skaddr: u64) -> Option<&mut SocketSeen> {
+        self.first
+            .iter_mut()
+            .flatten()
+            .chain(&mut self.more)
+            .find(|s| s.skaddr == skaddr)
+    }
+
+    fn push(&mut self, s: SocketSeen) {
+        match self.first.iter_mut().find(|f| f.is_none()) {
+            Some(free) => *free = Some(s),
+            None => self.more.push(s),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first[0].is_none()
+    }
 }
 
 fn seq_ge(a: u32, b: u32) -> bool {
@@ -253,24 +316,28 @@ impl Progress {
         if sc.newstate == TcpState::Established {
             self.established = true;
         }
-        match self.sockets.iter_mut().find(|s| s.0 == sc.skaddr) {
-            Some(s) if sc.ts_ns >= s.1 => *s = (sc.skaddr, sc.ts_ns, sc.newstate),
+        let seen = SocketSeen {
+            skaddr: sc.skaddr,
+            ts: sc.ts_ns,
+            state: sc.newstate,
+        };
+        match self.sockets.get_mut(sc.skaddr) {
+            Some(s) if sc.ts_ns >= s.ts => *s = seen,
             Some(_) => {}
-            None => self.sockets.push((sc.skaddr, sc.ts_ns, sc.newstate)),
+            None => self.sockets.push(seen),
         }
     }
 
     fn finished(&self) -> bool {
         self.rst_final
             || (self.fin_acked[0] && self.fin_acked[1])
-            || (!self.sockets.is_empty()
-                && self.sockets.iter().all(|&(_, _, s)| s == TcpState::Close))
+            || (!self.sockets.is_empty() && self.sockets.iter().all(|s| s.state == TcpState::Close))
     }
 
     fn socket_closed(&self, skaddr: u64) -> bool {
         self.sockets
             .iter()
-            .any(|&(sk, _, s)| sk == skaddr && s == TcpState::Close)
+            .any(|s| s.skaddr == skaddr && s.state == TcpState::Close)
     }
 
     /// A SYN with another ISN after the handshake (or the end) is the next
@@ -316,7 +383,6 @@ struct Record {
     deadline: Option<u64>,
     dropped: [Dropped; 2],
     events_dropped: u64,
-    skaddrs: Vec<u64>,
 }
 
 impl Record {
@@ -330,28 +396,47 @@ impl Record {
     }
 }
 
+/// State changes of one socket waiting for its complete 4-tuple. Nearly
+/// always a single one (the CLOSE → SYN_SENT of a connect()), held inline:
+/// every client connection parks one, and a Vec was an allocation each.
 struct Pending {
-    events: Vec<StateChange>,
+    first: StateChange,
+    more: Vec<StateChange>,
     last_ts: u64,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        1 + self.more.len()
+    }
 }
 
 pub struct Matcher {
     cfg: MatcherConfig,
     next_id: u64,
-    conns: IdMap<Record>,
+    /// Boxed: a record is a few hundred bytes and sits half a second (its
+    /// linger) before emit; in the table itself, every insert, growth and
+    /// emit moved it whole, through cold memory.
+    conns: IdMap<Box<Record>>,
     /// SipHash (std's default) here: remote peers choose ports and
     /// addresses, so a cheap hash could be driven into collisions.
     by_key: HashMap<Key, u64>,
     by_sk: IdMap<u64>,
     /// (last event ts, id), least recently active first. Entries are never
     /// removed in place (an ordered set's remove + insert on every event was
-    /// a visible share of the profile): a new entry is pushed when a record's
-    /// `last_ts` moves, and one whose record is gone or has moved on is stale,
-    /// skipped by [`Matcher::least_recent`] and dropped on compaction.
+    /// a visible share of the profile), nor pushed on every event: each
+    /// record's entry is pushed when it is created and may lag behind its
+    /// `last_ts`, never ahead. [`Matcher::least_recent`] moves a lagging entry
+    /// up to its record's `last_ts` when it reaches the top, and drops the
+    /// entry of a record that is gone (compaction drops the rest).
     by_last: BinaryHeap<Reverse<(u64, u64)>>,
-    /// (deadline, id) of finished records lingering for stragglers; an
-    /// entry whose record was emitted otherwise is skipped when it expires.
-    lingering: BinaryHeap<Reverse<(u64, u64)>>,
+    /// (deadline, id) of finished records lingering for stragglers, soonest
+    /// first; an entry whose record was emitted otherwise is skipped when it
+    /// expires. A deadline is the record's last event time plus a constant,
+    /// so they come nearly in order: a sorted deque takes most at the back
+    /// and a late one a few places before, where a heap paid a sift through
+    /// cold levels on every pop.
+    lingering: VecDeque<(u64, u64)>,
     pending: IdMap<Pending>,
     pending_order: VecDeque<u64>,
     clock: u64,
@@ -383,7 +468,7 @@ impl Matcher {
             by_key: HashMap::new(),
             by_sk: IdMap::default(),
             by_last: BinaryHeap::new(),
-            lingering: BinaryHeap::new(),
+            lingering: VecDeque::new(),
             pending: IdMap::default(),
             pending_order: VecDeque::new(),
             clock: 0,
@@ -452,7 +537,7 @@ impl Matcher {
             match self.pending.get(&sk) {
                 Some(p) if p.last_ts.saturating_add(idle) > now_ns => break,
                 Some(p) => {
-                    self.stats.unresolved_state_events += p.events.len() as u64;
+                    self.stats.unresolved_state_events += p.len() as u64;
                     self.pending.remove(&sk);
                 }
                 None => {}
@@ -478,7 +563,7 @@ impl Matcher {
             out.extend(self.emit(id, reason));
         }
         for p in self.pending.values() {
-            self.stats.unresolved_state_events += p.events.len() as u64;
+            self.stats.unresolved_state_events += p.len() as u64;
         }
         self.pending.clear();
         self.pending_order.clear();
@@ -551,12 +636,11 @@ impl Matcher {
             }
             None => self.create(key, sc.ts_ns, out),
         };
+        // `add` enters the socket in the record's progress, which is how
+        // `emit` finds this entry again.
         self.by_sk.insert(sc.skaddr, id);
-        if let Some(r) = self.conns.get_mut(&id) {
-            r.skaddrs.push(sc.skaddr);
-        }
         if let Some(p) = self.pending.remove(&sc.skaddr) {
-            for e in p.events {
+            for e in std::iter::once(p.first).chain(p.more) {
                 self.add(id, Event::State(e));
             }
         }
@@ -566,8 +650,8 @@ impl Matcher {
     fn park(&mut self, sc: StateChange) {
         if let Some(p) = self.pending.get_mut(&sc.skaddr) {
             p.last_ts = p.last_ts.max(sc.ts_ns);
-            if p.events.len() < 64 {
-                p.events.push(sc);
+            if p.len() < 64 {
+                p.more.push(sc);
             } else {
                 self.stats.unresolved_state_events += 1;
             }
@@ -578,7 +662,7 @@ impl Matcher {
                 break;
             };
             if let Some(p) = self.pending.remove(&old) {
-                self.stats.unresolved_state_events += p.events.len() as u64;
+                self.stats.unresolved_state_events += p.len() as u64;
             }
         }
         let skaddr = sc.skaddr;
@@ -586,7 +670,8 @@ impl Matcher {
             skaddr,
             Pending {
                 last_ts: sc.ts_ns,
-                events: vec![sc],
+                first: sc,
+                more: Vec::new(),
             },
         );
         self.pending_order.push_back(skaddr);
@@ -621,7 +706,7 @@ impl Matcher {
         self.stats.connections += 1;
         self.conns.insert(
             id,
-            Record {
+            Box::new(Record {
                 key,
                 events: Vec::new(),
                 first_ts: ts,
@@ -630,11 +715,10 @@ impl Matcher {
                 deadline: None,
                 dropped: [Dropped::default(); 2],
                 events_dropped: 0,
-                skaddrs: Vec::new(),
-            },
+            }),
         );
         self.by_key.insert(key, id);
-        self.note_activity(id, ts);
+        self.note_new_record(id, ts);
         id
     }
 
@@ -654,21 +738,30 @@ impl Matcher {
     }
 
     /// The least recently active record's (last event ts, id), dropping
-    /// stale entries on the way.
+    /// the entries of emitted records on the way.
+    ///
+    /// Every live record has one entry, at or before its `last_ts`; so a top
+    /// entry that is up to date is the least (last_ts, id) of all records,
+    /// and one that lags goes back in at its record's `last_ts` (once per
+    /// record per call at most: a record's time only moves on events).
     fn least_recent(&mut self) -> Option<(u64, u64)> {
-        while let Some(&Reverse((last, id))) = self.by_last.peek() {
-            if self.conns.get(&id).is_some_and(|r| r.last_ts == last) {
-                return Some((last, id));
+        while let Some(mut top) = self.by_last.peek_mut() {
+            let Reverse((last, id)) = *top;
+            match self.conns.get(&id) {
+                Some(r) if r.last_ts == last => return Some((last, id)),
+                Some(r) => *top = Reverse((r.last_ts, id)),
+                None => {
+                    std::collections::binary_heap::PeekMut::pop(top);
+                }
             }
-            self.by_last.pop();
         }
         None
     }
 
-    /// Records that only ever move forward leave stale entries behind:
-    /// rebuilt from the records once stale ones outnumber them, so memory
-    /// stays proportional to the records held (amortised O(1) per event).
-    fn note_activity(&mut self, id: u64, last_ts: u64) {
+    /// A new record's entry. Emitted records leave theirs behind: rebuilt
+    /// from the records once those outnumber them, so memory stays
+    /// proportional to the records held (amortised O(1) per record).
+    fn note_new_record(&mut self, id: u64, last_ts: u64) {
         self.by_last.push(Reverse((last_ts, id)));
         if self.by_last.len() > 2 * self.conns.len() + 64 {
             self.by_last = self
@@ -687,7 +780,6 @@ impl Matcher {
         };
         let ts = ev.ts_ns();
         r.first_ts = r.first_ts.min(ts);
-        let moved = ts > r.last_ts;
         r.last_ts = r.last_ts.max(ts);
         match &ev {
             Event::Segment(s) => {
@@ -729,31 +821,45 @@ impl Matcher {
         if r.deadline.is_none() && r.progress.finished() {
             let deadline = r.last_ts.saturating_add(linger);
             r.deadline = Some(deadline);
-            self.lingering.push(Reverse((deadline, id)));
+            self.linger(deadline, id);
         }
-        if moved {
-            self.note_activity(id, ts);
+    }
+
+    fn linger(&mut self, deadline: u64, id: u64) {
+        let entry = (deadline, id);
+        if self.lingering.back().is_none_or(|&last| last < entry) {
+            self.lingering.push_back(entry);
+        } else {
+            let at = self.lingering.partition_point(|&e| e < entry);
+            self.lingering.insert(at, entry);
         }
     }
 
     fn expire_lingering(&mut self, now: u64, out: &mut Vec<Connection>) {
-        while let Some(&Reverse((deadline, id))) = self.lingering.peek() {
+        while let Some(&(deadline, id)) = self.lingering.front() {
             if deadline > now {
                 break;
             }
-            self.lingering.pop();
+            self.lingering.pop_front();
             out.extend(self.emit(id, EndReason::Closed));
         }
     }
 
     fn emit(&mut self, id: u64, reason: EndReason) -> Option<Connection> {
         let r = self.conns.remove(&id)?;
-        if self.by_key.get(&r.key) == Some(&id) {
-            self.by_key.remove(&r.key);
+        // The 4-tuple and the sockets may already belong to the next
+        // connection; one lookup each, not a look then a remove.
+        if let Entry::Occupied(e) = self.by_key.entry(r.key) {
+            if *e.get() == id {
+                e.remove();
+            }
         }
-        for sk in &r.skaddrs {
-            if self.by_sk.get(sk) == Some(&id) {
-                self.by_sk.remove(sk);
+        // Every socket mapped to this record has an event in it.
+        for sk in r.progress.sockets.iter() {
+            if let Entry::Occupied(e) = self.by_sk.entry(sk.skaddr) {
+                if *e.get() == id {
+                    e.remove();
+                }
             }
         }
         self.stats.emitted += 1;

@@ -11,6 +11,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt;
 use std::net::SocketAddr;
 
 use crate::event::{Dir, Event, Family, Segment, StateChange, TcpState};
@@ -58,7 +59,7 @@ struct Wire<'a> {
     seg: &'a Segment,
     from: Side,
     ts: u64,
-    obs: Vec<Observation>,
+    obs: Seen,
     retrans: bool,
     class: Class,
     /// Also acknowledges the peer's FIN (FIN+ACK, data acking a FIN).
@@ -83,6 +84,32 @@ impl Wire<'_> {
 
     fn within(&self, ts: u64, window: u64) -> bool {
         self.obs.iter().any(|o| o.ts_ns.abs_diff(ts) <= window)
+    }
+}
+
+/// Where one segment was seen, in order: the one place of a capture file, or
+/// the vantage points of live tracing. The first is held inline: a Vec per
+/// segment was an allocation for every packet of a capture.
+struct Seen {
+    first: Observation,
+    more: Vec<Observation>,
+}
+
+impl Seen {
+    fn iter(&self) -> impl Iterator<Item = &Observation> {
+        std::iter::once(&self.first).chain(&self.more)
+    }
+
+    fn push(&mut self, o: Observation) {
+        self.more.push(o);
+    }
+
+    /// All of them, for a step (`more` is left empty).
+    fn take(&mut self) -> Vec<Observation> {
+        let mut all = Vec::with_capacity(1 + self.more.len());
+        all.push(self.first.clone());
+        all.append(&mut self.more);
+        all
     }
 }
 
@@ -210,7 +237,10 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 seg: s,
                 from,
                 ts: s.ts_ns,
-                obs: vec![obs],
+                obs: Seen {
+                    first: obs,
+                    more: Vec::new(),
+                },
                 // The same segment again at the same place: sent twice.
                 retrans: seen_here,
                 class: Class::Data,
@@ -953,8 +983,10 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 source: "kernel",
                 expected_ns: TIMEWAIT_LEN_NS,
                 detail: format!(
-                    "the kernel reported → CLOSE for the {} socket; a timewait socket (not traced) now holds {client} ↔ {server} for 60 s",
-                    side.name()
+                    "the kernel reported → CLOSE for the {} socket; a timewait socket (not traced) now holds {} ↔ {} for 60 s",
+                    side.name(),
+                    Endpoint(client),
+                    Endpoint(server)
                 ),
             });
         } else if close_complete_wire && close != Close::Reset {
@@ -980,8 +1012,10 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                     source: "wire",
                     expected_ns: TIMEWAIT_LEN_NS,
                     detail: format!(
-                        "the {} sent the last ACK of the close; its timewait socket holds {client} ↔ {server} for 60 s",
-                        side.name()
+                        "the {} sent the last ACK of the close; its timewait socket holds {} ↔ {} for 60 s",
+                        side.name(),
+                        Endpoint(client),
+                        Endpoint(server)
                     ),
                 });
             }
@@ -1148,7 +1182,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 let mut st = Step::new(
                     sc.ts_ns,
                     StepKind::Kernel,
-                    format!("{} → {}", sc.oldstate, sc.newstate),
+                    transition_name(sc.oldstate, sc.newstate),
                 );
                 st.explain = kernel_explain(sc.oldstate, sc.newstate, ks.side).into();
                 st.side = Some(ks.side);
@@ -1170,10 +1204,12 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                     let mut st =
                         Step::new(tw.since_ts_ns, StepKind::Inferred, "TIME_WAIT (inferred)");
                     st.rule = Some("TIME_WAIT (inferred: timewait socket, not traced)".into());
-                    st.explain = format!(
-                        "the {} the 4-tuple for 2·MSL (60 s on Linux) so that late segments of this incarnation die out and a retransmitted FIN can still be ACKed",
-                        if tw.side == Side::Both { "client and the server each keep" } else if tw.side == Side::Client { "client keeps" } else { "server keeps" }
-                    ).into();
+                    st.explain = match tw.side {
+                        Side::Both => "the client and the server each keep the 4-tuple for 2·MSL (60 s on Linux) so that late segments of this incarnation die out and a retransmitted FIN can still be ACKed",
+                        Side::Client => "the client keeps the 4-tuple for 2·MSL (60 s on Linux) so that late segments of this incarnation die out and a retransmitted FIN can still be ACKed",
+                        Side::Server => "the server keeps the 4-tuple for 2·MSL (60 s on Linux) so that late segments of this incarnation die out and a retransmitted FIN can still be ACKed",
+                    }
+                    .into();
                     st.side = Some(tw.side);
                     steps.push(st);
                 }
@@ -1316,6 +1352,36 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
         anomalies,
         states,
         time_wait,
+    }
+}
+
+/// Displays as the `SocketAddr` it holds. Nearly every connection's
+/// TIME_WAIT detail names both ends, and core::fmt's IPv4 Display (five
+/// integers, each through the formatter) cost more than the rest of it.
+struct Endpoint(SocketAddr);
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let SocketAddr::V4(a) = self.0 else {
+            return self.0.fmt(f);
+        };
+        // "255.255.255.255:65535"
+        let mut text = [0u8; 21];
+        let mut len = 0;
+        let mut n = itoa::Buffer::new();
+        let mut put = |piece: &[u8]| {
+            text[len..len + piece.len()].copy_from_slice(piece);
+            len += piece.len();
+        };
+        for (i, octet) in a.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                put(b".");
+            }
+            put(n.format(octet).as_bytes());
+        }
+        put(b":");
+        put(n.format(a.port()).as_bytes());
+        f.pad(std::str::from_utf8(&text[..len]).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -1464,8 +1530,8 @@ fn kernel_close(socks: &[Sock]) -> Option<(Close, Option<Side>)> {
 /// same interface; a capture file is one such place.
 fn rtt(a: &Wire, b: &Wire) -> Option<u64> {
     let mut best: Option<(u8, u64)> = None;
-    for oa in &a.obs {
-        for ob in &b.obs {
+    for oa in a.obs.iter() {
+        for ob in b.obs.iter() {
             if oa.netns != ob.netns || oa.ifindex != ob.ifindex || ob.ts_ns < oa.ts_ns {
                 continue;
             }
@@ -1618,9 +1684,46 @@ fn wire_step(w: &mut Wire, isn: &[Option<u32>; 2], live: bool, summarize: bool) 
     }
     st.retransmission = w.retrans;
     if live {
-        st.observations = std::mem::take(&mut w.obs);
+        st.observations = w.obs.take();
     }
     st
+}
+
+/// The states a kernel step can name; `TcpState::Unknown` is left out.
+const KNOWN_STATES: [TcpState; 13] = {
+    use TcpState::*;
+    [
+        Established,
+        SynSent,
+        SynRecv,
+        FinWait1,
+        FinWait2,
+        TimeWait,
+        Close,
+        CloseWait,
+        LastAck,
+        Listen,
+        Closing,
+        NewSynRecv,
+        BoundInactive,
+    ]
+};
+
+/// A kernel step's name, `OLD → NEW`. Every connection has several, so the
+/// names of the known pairs are formatted once per process and borrowed.
+fn transition_name(old: TcpState, new: TcpState) -> Cow<'static, str> {
+    static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let pos = |s: TcpState| KNOWN_STATES.iter().position(|&k| k == s);
+    let (Some(o), Some(n)) = (pos(old), pos(new)) else {
+        return format!("{old} → {new}").into();
+    };
+    let names = NAMES.get_or_init(|| {
+        KNOWN_STATES
+            .iter()
+            .flat_map(|o| KNOWN_STATES.iter().map(move |n| format!("{o} → {n}")))
+            .collect()
+    });
+    Cow::Borrowed(&names[o * KNOWN_STATES.len() + n])
 }
 
 /// What a transition means, in one line.
@@ -1648,5 +1751,36 @@ fn kernel_explain(old: TcpState, new: TcpState, side: Side) -> &'static str {
             "aborted: RST sent or received, the socket is gone"
         }
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_names_read_as_formatted() {
+        let states = KNOWN_STATES.iter().copied().chain([TcpState::Unknown(99)]);
+        for old in states.clone() {
+            for new in states.clone() {
+                assert_eq!(transition_name(old, new), format!("{old} → {new}"));
+            }
+        }
+    }
+
+    #[test]
+    fn endpoints_display_as_socket_addresses() {
+        for a in [
+            "0.0.0.0:0",
+            "127.0.0.1:80",
+            "10.20.255.9:54321",
+            "255.255.255.255:65535",
+            "[2001:db8::1]:443",
+            "[::ffff:1.2.3.4]:8080",
+        ] {
+            let a: SocketAddr = a.parse().expect("literal");
+            assert_eq!(Endpoint(a).to_string(), a.to_string());
+            assert_eq!(format!("{:>24}", Endpoint(a)), format!("{a:>24}"));
+        }
     }
 }
