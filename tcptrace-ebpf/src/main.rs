@@ -17,6 +17,7 @@ use aya_ebpf::{
     macros::{classifier, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, TracePointContext},
+    EbpfContext as _,
 };
 use aya_log_ebpf::warn;
 use tcptrace_common::{
@@ -175,6 +176,28 @@ const TP_DADDR: usize = 36;
 const TP_SADDR_V6: usize = 40;
 const TP_DADDR_V6: usize = 56;
 
+/// A field of the tracepoint's record, loaded straight from the context: a
+/// tracepoint program may read its record (aligned, within its size; the
+/// kernel checks both when loading and attaching), and `read_at` would make
+/// each field a bpf_probe_read_kernel call. `T` is at most 8 bytes and `off`
+/// a multiple of its size.
+#[inline(always)]
+unsafe fn tp<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
+    // SAFETY: the caller keeps `off` inside the record and aligned.
+    unsafe { core::ptr::read_volatile(ctx.as_ptr().add(off) as *const T) }
+}
+
+/// An IPv6 address field (16 bytes at an 8-byte-aligned offset), as two loads.
+#[inline(always)]
+unsafe fn tp_addr6(ctx: &TracePointContext, off: usize) -> [u8; 16] {
+    // SAFETY: as for `tp`.
+    let (hi, lo): (u64, u64) = unsafe { (tp(ctx, off), tp(ctx, off + 8)) };
+    let mut a = [0u8; 16];
+    a[..8].copy_from_slice(&hi.to_ne_bytes());
+    a[8..].copy_from_slice(&lo.to_ne_bytes());
+    a
+}
+
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn tcptrace_state(ctx: TracePointContext) -> u32 {
     let _ = try_state(&ctx);
@@ -184,31 +207,29 @@ pub fn tcptrace_state(ctx: TracePointContext) -> u32 {
 fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
     // SAFETY: offsets checked against the tracepoint's format by the CLI.
     unsafe {
-        if ctx.read_at::<u16>(TP_PROTOCOL)? != IPPROTO_TCP as u16 {
+        if tp::<u16>(ctx, TP_PROTOCOL) != IPPROTO_TCP as u16 {
             return Ok(());
         }
-        let family: u16 = ctx.read_at(TP_FAMILY)?;
-        let sport: u16 = ctx.read_at(TP_SPORT)?;
-        let dport: u16 = ctx.read_at(TP_DPORT)?;
+        let family: u16 = tp(ctx, TP_FAMILY);
+        let sport: u16 = tp(ctx, TP_SPORT);
+        let dport: u16 = tp(ctx, TP_DPORT);
         let mut saddr = [0u8; 16];
         let mut daddr = [0u8; 16];
         if family == AF_INET {
-            let s: [u8; 4] = ctx.read_at(TP_SADDR)?;
-            let d: [u8; 4] = ctx.read_at(TP_DADDR)?;
-            saddr[..4].copy_from_slice(&s);
-            daddr[..4].copy_from_slice(&d);
+            saddr[..4].copy_from_slice(&tp::<u32>(ctx, TP_SADDR).to_ne_bytes());
+            daddr[..4].copy_from_slice(&tp::<u32>(ctx, TP_DADDR).to_ne_bytes());
         } else if family == AF_INET6 {
-            saddr = ctx.read_at(TP_SADDR_V6)?;
-            daddr = ctx.read_at(TP_DADDR_V6)?;
+            saddr = tp_addr6(ctx, TP_SADDR_V6);
+            daddr = tp_addr6(ctx, TP_DADDR_V6);
         } else {
             return Ok(());
         }
         if !wanted(family, &saddr, &daddr, sport, dport) {
             return Ok(());
         }
-        let skaddr: u64 = ctx.read_at(TP_SKADDR)?;
-        let oldstate: i32 = ctx.read_at(TP_OLDSTATE)?;
-        let newstate: i32 = ctx.read_at(TP_NEWSTATE)?;
+        let skaddr: u64 = tp(ctx, TP_SKADDR);
+        let oldstate: i32 = tp(ctx, TP_OLDSTATE);
+        let newstate: i32 = tp(ctx, TP_NEWSTATE);
         let now = bpf_ktime_get_ns();
         let netns = sock_netns(skaddr);
 
@@ -227,7 +248,11 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
             port: sport,
             _pad: 0,
         };
-        let known = SOCKS.get(skaddr).copied();
+        // Kept as a pointer: a known socket's record is updated in place
+        // below, since an insert into an LRU map takes a fresh element from
+        // the free list and returns the old one, at every state change.
+        let slot = SOCKS.get_ptr_mut(skaddr);
+        let known = slot.map(|p| *p);
         let mut info = match known {
             Some(i) => i,
             None if oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV => {
@@ -289,11 +314,15 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
         } else if oldstate == TCP_LISTEN && newstate == TCP_CLOSE {
             let _ = LISTENERS.remove(listen_key);
         }
-        if newstate == TCP_CLOSE {
-            let _ = SOCKS.remove(skaddr);
-        } else {
-            info.ts_ns = now;
-            let _ = SOCKS.insert(skaddr, info, 0);
+        info.ts_ns = now;
+        match slot {
+            _ if newstate == TCP_CLOSE => {
+                let _ = SOCKS.remove(skaddr);
+            }
+            Some(p) => *p = info,
+            None => {
+                let _ = SOCKS.insert(skaddr, info, 0);
+            }
         }
     }
     Ok(())
