@@ -6,9 +6,7 @@ use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::event::{Dir, Event, Family, Segment, StateChange, TcpOptions};
-use crate::matcher::{
-    Anomaly, Connection, EndReason, Observation, SocketStates, Step, StepKind, TimeWait, Views,
-};
+use crate::matcher::{Anomaly, Connection, Observation, SocketStates, Step, TimeWait, Views};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -510,7 +508,7 @@ impl Json<'_> {
         self.int(key!("first_ts_ns"), c.first_ts_ns);
         self.int(key!("last_ts_ns"), c.last_ts_ns);
         self.int(key!("duration_ns"), c.duration_ns);
-        self.name(key!("end_reason"), end_reason_name(c.end_reason));
+        self.name(key!("end_reason"), c.end_reason.name());
         self.int(key!("segments"), c.segments);
         self.int(key!("retransmissions"), c.retransmissions);
         self.views(c.views);
@@ -539,7 +537,7 @@ impl Json<'_> {
     fn step(&mut self, st: &Step) {
         self.int(key!({ "ts_ns" }), st.ts_ns);
         self.int(key!("rel_ns"), st.rel_ns);
-        self.name(key!("kind"), step_kind_name(st.kind));
+        self.name(key!("kind"), st.kind.name());
         self.str(key!("name"), &st.name);
         if let Some(rule) = &st.rule {
             self.str(key!("rule"), rule);
@@ -645,29 +643,6 @@ impl Json<'_> {
     }
 }
 
-// The serde names of the model's enums that have no `name()` of their own;
-// `enum_names_match_serde` holds these and the `name()`s used above to the
-// derived `Serialize`.
-
-fn step_kind_name(k: StepKind) -> &'static str {
-    match k {
-        StepKind::Wire => "wire",
-        StepKind::Kernel => "kernel",
-        StepKind::Data => "data",
-        StepKind::Inferred => "inferred",
-    }
-}
-
-fn end_reason_name(r: EndReason) -> &'static str {
-    match r {
-        EndReason::Closed => "closed",
-        EndReason::Superseded => "superseded",
-        EndReason::IdleTimeout => "idle_timeout",
-        EndReason::Evicted => "evicted",
-        EndReason::EndOfInput => "end_of_input",
-    }
-}
-
 /// One readable line: the transition, or the segment as tcpdump prints it.
 pub fn write_event_line<W: Write + ?Sized>(
     out: &mut W,
@@ -699,7 +674,7 @@ mod tests {
 
     use super::*;
     use crate::event::{TcpFlags, TcpState};
-    use crate::matcher::{AnomalyKind, Close, Open, Side, StateSpan};
+    use crate::matcher::{AnomalyKind, Close, EndReason, Open, Side, StateSpan, StepKind};
 
     /// Live events of both kinds, with every optional field present.
     fn events() -> [Event; 2] {
@@ -942,7 +917,7 @@ mod tests {
             EndReason::Evicted,
             EndReason::EndOfInput,
         ] {
-            check(v, end_reason_name(v));
+            check(v, v.name());
         }
         for v in [
             StepKind::Wire,
@@ -950,7 +925,7 @@ mod tests {
             StepKind::Data,
             StepKind::Inferred,
         ] {
-            check(v, step_kind_name(v));
+            check(v, v.name());
         }
         for v in [
             AnomalyKind::SynRetransmit,

@@ -117,6 +117,19 @@ pub enum EndReason {
     EndOfInput,
 }
 
+impl EndReason {
+    /// As in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            EndReason::Closed => "closed",
+            EndReason::Superseded => "superseded",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::Evicted => "evicted",
+            EndReason::EndOfInput => "end_of_input",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StepKind {
@@ -129,6 +142,18 @@ pub enum StepKind {
     Data,
     /// Something the tracepoint cannot show, deduced (TIME_WAIT).
     Inferred,
+}
+
+impl StepKind {
+    /// As in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            StepKind::Wire => "wire",
+            StepKind::Kernel => "kernel",
+            StepKind::Data => "data",
+            StepKind::Inferred => "inferred",
+        }
+    }
 }
 
 /// Where and when one wire segment was seen (live tracing; a capture file
