@@ -865,7 +865,8 @@ mod tests {
         let mut values = vec![0, u64::MAX, u64::MAX - 1];
         for p in 0..20 {
             let t = 10u64.pow(p);
-            values.extend([t - 1, t, t + 1, t * 5 + 3]);
+            values.extend([t - 1, t, t + 1]);
+            values.extend(t.checked_mul(5).map(|f| f + 3));
         }
         for v in values {
             let mut d = [0; 20];
