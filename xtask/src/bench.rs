@@ -852,7 +852,7 @@ fn storm_scenario(
          (recursion_misses in the programs' fdinfo; tcptrace reports them in its summary as `missed`, tcpstates does not). \
          \"lost (reported)\" is the ring-full count; \"unaccounted\" = expected − delivered − reported lost − skipped. Tracer CPU is user+sys from wait4(2); \
          the eBPF programs' own cost is charged to the storm and shows up in conn/s. \
-         \"output settles\": how long after the storm the output file kept growing (tcptrace's connection records linger 0.5 s; \
+         \"output settles\": how long after the storm the output file kept growing (tcptrace's finished connection records linger 0.5 s for stragglers, 20 ms when only the kernel saw them; \
          tcpstates' stdio buffer only reaches the file at exit).\n",
     );
     Ok((j, md, targets))

@@ -396,6 +396,36 @@ fn live_kernel_only_and_wire_only_views_do_not_cross_check() {
     assert_eq!(c.closed_by, Some(Side::Client));
 }
 
+/// A connection only the kernel saw is let go `kernel_linger_ns` after its
+/// last socket's CLOSE; one with segments waits the full `linger_ns` for a
+/// last ACK from another vantage point.
+#[test]
+fn kernel_only_connections_linger_briefly() {
+    let kernel: Vec<Event> = full_conversation()
+        .into_iter()
+        .filter(|e| matches!(e, Event::State(_)))
+        .collect();
+    let cfg = MatcherConfig::default();
+    assert!(cfg.kernel_linger_ns < cfg.linger_ns);
+    // Time passing after the last CLOSE, as the live loop's tick says it.
+    let end = kernel.last().map_or(0, Event::ts_ns);
+    for (events, linger) in [
+        (kernel, cfg.kernel_linger_ns),
+        (full_conversation(), cfg.linger_ns),
+    ] {
+        let mut m = Matcher::new(cfg.clone());
+        for e in events {
+            assert!(m.push(e).is_empty(), "nothing is emitted before the linger");
+        }
+        assert!(m.tick(end + linger / 2).is_empty(), "still lingering");
+        assert_eq!(
+            m.tick(end + linger).len(),
+            1,
+            "emitted once the linger passed"
+        );
+    }
+}
+
 #[test]
 fn live_out_of_order_arrival_gives_the_same_record() {
     let ev = full_conversation();
