@@ -29,24 +29,29 @@ pub enum TcpState {
 }
 
 impl TcpState {
-    pub fn from_kernel(v: u8) -> Self {
+    /// The states the kernel defines, in its numbering from 1.
+    pub const KNOWN: [TcpState; 13] = {
         use TcpState::*;
-        match v {
-            1 => Established,
-            2 => SynSent,
-            3 => SynRecv,
-            4 => FinWait1,
-            5 => FinWait2,
-            6 => TimeWait,
-            7 => Close,
-            8 => CloseWait,
-            9 => LastAck,
-            10 => Listen,
-            11 => Closing,
-            12 => NewSynRecv,
-            13 => BoundInactive,
-            other => Unknown(other),
-        }
+        [
+            Established,
+            SynSent,
+            SynRecv,
+            FinWait1,
+            FinWait2,
+            TimeWait,
+            Close,
+            CloseWait,
+            LastAck,
+            Listen,
+            Closing,
+            NewSynRecv,
+            BoundInactive,
+        ]
+    };
+
+    pub fn from_kernel(v: u8) -> Self {
+        let known = usize::from(v).checked_sub(1).and_then(|i| Self::KNOWN.get(i));
+        known.copied().unwrap_or(TcpState::Unknown(v))
     }
 
     pub fn name(self) -> &'static str {
@@ -437,6 +442,24 @@ mod tests {
         ];
         for (bits, want) in cases {
             assert_eq!(TcpFlags(bits).to_string(), want, "flags {bits:#x}");
+        }
+    }
+
+    /// include/net/tcp_states.h numbers its states from 1.
+    #[test]
+    fn states_numbered_as_the_kernel() {
+        use TcpState::*;
+        let cases = [
+            (0, Unknown(0)),
+            (1, Established),
+            (2, SynSent),
+            (7, Close),
+            (10, Listen),
+            (13, BoundInactive),
+            (14, Unknown(14)),
+        ];
+        for (v, want) in cases {
+            assert_eq!(TcpState::from_kernel(v), want, "{v}");
         }
     }
 

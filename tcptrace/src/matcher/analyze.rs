@@ -1689,41 +1689,22 @@ fn wire_step(w: &mut Wire, isn: &[Option<u32>; 2], live: bool, summarize: bool) 
     st
 }
 
-/// The states a kernel step can name; `TcpState::Unknown` is left out.
-const KNOWN_STATES: [TcpState; 13] = {
-    use TcpState::*;
-    [
-        Established,
-        SynSent,
-        SynRecv,
-        FinWait1,
-        FinWait2,
-        TimeWait,
-        Close,
-        CloseWait,
-        LastAck,
-        Listen,
-        Closing,
-        NewSynRecv,
-        BoundInactive,
-    ]
-};
 
 /// A kernel step's name, `OLD → NEW`. Every connection has several, so the
 /// names of the known pairs are formatted once per process and borrowed.
 fn transition_name(old: TcpState, new: TcpState) -> Cow<'static, str> {
     static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let pos = |s: TcpState| KNOWN_STATES.iter().position(|&k| k == s);
+    let pos = |s: TcpState| TcpState::KNOWN.iter().position(|&k| k == s);
     let (Some(o), Some(n)) = (pos(old), pos(new)) else {
         return format!("{old} → {new}").into();
     };
     let names = NAMES.get_or_init(|| {
-        KNOWN_STATES
+        TcpState::KNOWN
             .iter()
-            .flat_map(|o| KNOWN_STATES.iter().map(move |n| format!("{o} → {n}")))
+            .flat_map(|o| TcpState::KNOWN.iter().map(move |n| format!("{o} → {n}")))
             .collect()
     });
-    Cow::Borrowed(&names[o * KNOWN_STATES.len() + n])
+    Cow::Borrowed(&names[o * TcpState::KNOWN.len() + n])
 }
 
 /// What a transition means, in one line.
@@ -1760,7 +1741,7 @@ mod tests {
 
     #[test]
     fn transition_names_read_as_formatted() {
-        let states = KNOWN_STATES.iter().copied().chain([TcpState::Unknown(99)]);
+        let states = TcpState::KNOWN.iter().copied().chain([TcpState::Unknown(99)]);
         for old in states.clone() {
             for new in states.clone() {
                 assert_eq!(transition_name(old, new), format!("{old} → {new}"));
