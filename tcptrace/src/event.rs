@@ -50,7 +50,9 @@ impl TcpState {
     };
 
     pub fn from_kernel(v: u8) -> Self {
-        let known = usize::from(v).checked_sub(1).and_then(|i| Self::KNOWN.get(i));
+        let known = usize::from(v)
+            .checked_sub(1)
+            .and_then(|i| Self::KNOWN.get(i));
         known.copied().unwrap_or(TcpState::Unknown(v))
     }
 

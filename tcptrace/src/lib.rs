@@ -4,7 +4,8 @@
 //! The data's path, one module per stage:
 //! - [`bpf`]: load the eBPF object and attach it (tracepoint, fexit, TC),
 //!   with [`netns`] and [`btf`] as its helpers.
-//! - [`reader`]: drain the ring buffer(s) without busy polling.
+//! - [`reader`]: drain the ring buffer(s) without busy polling; each event's
+//!   output line is rendered there too, off the matcher's thread.
 //! - [`decode`]: kernel records (`tcptrace-common`) → [`event::Event`].
 //! - [`pcap`]: capture files → [`event::Event`] (no root needed).
 //! - [`matcher`]: events → one explained record per connection (pure; this is

@@ -14,7 +14,7 @@ use tcptrace::bpf::{TraceConfig, Tracer};
 use tcptrace::demo;
 use tcptrace::event::Event;
 use tcptrace::matcher::{Connection, Matcher, MatcherConfig};
-use tcptrace::reader::{self, ReaderStats};
+use tcptrace::reader::{self, Batch, ReaderStats};
 use tcptrace::render::{self, Clock, Mode};
 use tcptrace_common::{Filter, AF_INET, AF_INET6, MAX_PORTS};
 use tokio::signal::unix::{signal, SignalKind};
@@ -173,7 +173,7 @@ fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
     let mut out = BufWriter::with_capacity(OUT_BUFFER, std::io::stdout().lock());
     let mut m = Matcher::new(MatcherConfig::default());
     for ev in cap.events {
-        emit_event(&mut out, mode, &ev, &clock)?;
+        render::write_event(&mut out, mode, &ev, &clock)?;
         for c in m.push(ev) {
             render::connection(&mut out, mode, &c)?;
         }
@@ -193,14 +193,6 @@ fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
 /// Large enough that a saturated run writes in big chunks, not a write(2)
 /// per line or per ring batch.
 const OUT_BUFFER: usize = 256 * 1024;
-
-fn emit_event<W: Write>(out: &mut W, mode: Mode, ev: &Event, clock: &Clock) -> std::io::Result<()> {
-    match mode {
-        Mode::Json => render::write_event_json(out, ev),
-        Mode::Events => render::write_event_line(out, ev, clock),
-        Mode::Timeline => Ok(()),
-    }
-}
 
 fn filter_from(a: &LiveArgs) -> Result<Filter> {
     let mut f = Filter::zeroed();
@@ -367,11 +359,12 @@ async fn run_live(
     // Bounds what waits between the readers and the matcher to
     // QUEUED_BATCHES × reader::MAX_BATCH events (about 40 MB); past that the
     // readers wait, the rings fill, and the kernel counts what it drops.
-    let (tx, mut rx) = mpsc::channel::<Vec<Event>>(QUEUED_BATCHES);
+    let (tx, mut rx) = mpsc::channel::<Batch>(QUEUED_BATCHES);
     for ring in rings {
         tokio::spawn(reader::read_ring(
             ring,
             names.clone(),
+            (mode, clock),
             stats.clone(),
             tx.clone(),
         ));
@@ -409,10 +402,10 @@ async fn run_live(
     'run: loop {
         tokio::select! {
             batch = rx.recv() => {
-                let Some(batch) = batch else { break 'run };
-                for ev in batch.into_iter().filter(|e| keep(e)) {
+                let Some(Batch { events: evs, lines }) = batch else { break 'run };
+                for (i, ev) in evs.into_iter().enumerate().filter(|(_, e)| keep(e)) {
                     events += 1;
-                    emit_event(&mut out, mode, &ev, &clock)?;
+                    out.write_all(lines.get(i))?;
                     if matching {
                         order.push(ev);
                     }
@@ -479,9 +472,10 @@ async fn run_live(
         if stop.events.is_some_and(|n| events >= n) {
             break;
         }
-        for ev in batch.into_iter().filter(|e| keep(e)) {
+        let Batch { events: evs, lines } = batch;
+        for (i, ev) in evs.into_iter().enumerate().filter(|(_, e)| keep(e)) {
             events += 1;
-            emit_event(&mut out, mode, &ev, &clock)?;
+            out.write_all(lines.get(i))?;
             if matching {
                 order.push(ev);
             }

@@ -20,6 +20,34 @@ use tokio::sync::mpsc;
 
 use crate::decode::{self, IfaceNames};
 use crate::event::Event;
+use crate::render::{self, Clock, Mode};
+
+/// Events taken from a ring in one go, each with its output line. Lines
+/// are rendered here, on the ring thread, because the other thread (which
+/// matches, writes connections and does the write(2)s) is the one that falls
+/// behind at saturation.
+pub struct Batch {
+    pub events: Vec<Event>,
+    pub lines: Lines,
+}
+
+/// The output lines of a batch's events, back to back.
+#[derive(Default)]
+pub struct Lines {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Lines {
+    /// Event `i`'s line; empty in modes that print no line per event.
+    pub fn get(&self, i: usize) -> &[u8] {
+        let Some(&end) = self.ends.get(i) else {
+            return &[];
+        };
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..end]
+    }
+}
 
 /// Records the reader could not decode (a version mismatch or a bug): counted
 /// and reported, never dropped silently.
@@ -31,8 +59,9 @@ pub struct ReaderStats {
 pub async fn read_ring(
     ring: RingBuf<MapData>,
     names: Arc<IfaceNames>,
+    (mode, clock): (Mode, Clock),
     stats: Arc<ReaderStats>,
-    tx: mpsc::Sender<Vec<Event>>,
+    tx: mpsc::Sender<Batch>,
 ) -> Result<()> {
     // SAFETY: the AsyncFd owns the ring, so its fd outlives the registration.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)? };
@@ -41,10 +70,17 @@ pub async fn read_ring(
         loop {
             let ring = guard.get_inner_mut();
             let mut batch = Vec::with_capacity(64);
+            let mut lines = Lines::default();
             while batch.len() < MAX_BATCH {
                 let Some(item) = ring.next() else { break };
                 match decode::decode(&item, &names) {
-                    Ok(ev) => batch.push(ev),
+                    Ok(ev) => {
+                        if mode != Mode::Timeline {
+                            render::write_event(&mut lines.bytes, mode, &ev, &clock)?;
+                            lines.ends.push(lines.bytes.len());
+                        }
+                        batch.push(ev);
+                    }
                     Err(e) => {
                         if stats.undecodable.fetch_add(1, Ordering::Relaxed) == 0 {
                             log::warn!("undecodable ring buffer record: {e}");
@@ -53,7 +89,11 @@ pub async fn read_ring(
                 }
             }
             let drained = batch.len() < MAX_BATCH;
-            if !batch.is_empty() && tx.send(batch).await.is_err() {
+            let batch = Batch {
+                events: batch,
+                lines,
+            };
+            if !batch.events.is_empty() && tx.send(batch).await.is_err() {
                 return Ok(()); // the consumer is gone: we are shutting down
             }
             if drained {

@@ -655,6 +655,21 @@ pub fn write_event_line<W: Write + ?Sized>(
     }
 }
 
+/// Writes one event as it arrives, in the chosen mode (nothing for
+/// timelines, which show events inside their connection).
+pub fn write_event<W: Write + ?Sized>(
+    out: &mut W,
+    mode: Mode,
+    ev: &Event,
+    clock: &Clock,
+) -> io::Result<()> {
+    match mode {
+        Mode::Json => write_event_json(out, ev),
+        Mode::Events => write_event_line(out, ev, clock),
+        Mode::Timeline => Ok(()),
+    }
+}
+
 /// Writes a finished connection in the chosen mode.
 pub fn connection<W: Write + ?Sized>(out: &mut W, mode: Mode, c: &Connection) -> io::Result<()> {
     match mode {

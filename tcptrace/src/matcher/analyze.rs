@@ -1689,7 +1689,6 @@ fn wire_step(w: &mut Wire, isn: &[Option<u32>; 2], live: bool, summarize: bool) 
     st
 }
 
-
 /// A kernel step's name, `OLD → NEW`. Every connection has several, so the
 /// names of the known pairs are formatted once per process and borrowed.
 fn transition_name(old: TcpState, new: TcpState) -> Cow<'static, str> {
@@ -1741,7 +1740,10 @@ mod tests {
 
     #[test]
     fn transition_names_read_as_formatted() {
-        let states = TcpState::KNOWN.iter().copied().chain([TcpState::Unknown(99)]);
+        let states = TcpState::KNOWN
+            .iter()
+            .copied()
+            .chain([TcpState::Unknown(99)]);
         for old in states.clone() {
             for new in states.clone() {
                 assert_eq!(transition_name(old, new), format!("{old} → {new}"));
