@@ -357,7 +357,8 @@ async fn run_live(
     let names = Arc::new(tracer.iface_names.clone());
     let stats = Arc::new(ReaderStats::default());
     // Bounds what waits between the readers and the matcher to
-    // QUEUED_BATCHES × reader::MAX_BATCH events (about 40 MB); past that the
+    // QUEUED_BATCHES × reader::MAX_BATCH events and their lines (about 120 MB
+    // at worst, when the matcher falls behind); past that the
     // readers wait, the rings fill, and the kernel counts what it drops.
     let (tx, mut rx) = mpsc::channel::<Batch>(QUEUED_BATCHES);
     for ring in rings {
