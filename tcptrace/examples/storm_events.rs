@@ -115,11 +115,7 @@ fn main() -> Result<()> {
     let start = cpu_ns();
     let mut m = Matcher::new(MatcherConfig::default());
     for ev in evs {
-        match mode {
-            Mode::Json => render::write_event_json(&mut out, &ev)?,
-            Mode::Events => render::write_event_line(&mut out, &ev, &clock)?,
-            Mode::Timeline => {}
-        }
+        render::write_event(&mut out, mode, &ev, &clock)?;
         let ts = ev.ts_ns();
         for c in m.push(ev) {
             connections += 1;

@@ -443,10 +443,12 @@ pub struct Matcher {
     by_last: BinaryHeap<Reverse<(u64, u64)>>,
     /// (deadline, id) of finished records lingering for stragglers, soonest
     /// first; an entry whose record was emitted otherwise is skipped when it
-    /// expires. A deadline is the record's last event time plus a constant,
-    /// so they come nearly in order: a sorted deque takes most at the back
-    /// and a late one a few places before, where a heap paid a sift through
-    /// cold levels on every pop.
+    /// expires. A deadline is the record's last event time plus one of two
+    /// constants (`linger_ns`, or the shorter `kernel_linger_ns`), so they
+    /// come nearly in order: a sorted deque takes most at the back, a late
+    /// one a few places before, and a kernel-only one among the soonest,
+    /// near the front (the deque shifts the shorter side); a heap paid a
+    /// sift through cold levels on every pop.
     lingering: VecDeque<(u64, u64)>,
     pending: IdMap<Pending>,
     pending_order: VecDeque<u64>,

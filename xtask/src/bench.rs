@@ -721,10 +721,9 @@ fn storm_scenario(
             summary.set(cfg.key(), s);
             continue;
         }
-        let idle_cpu = idle
-            .iter()
-            .find(|(c, _)| *c == cfg)
-            .map_or(0.0, |(_, u)| u.cpu_s);
+        let idle_u = idle.iter().find(|(c, _)| *c == cfg).map(|(_, u)| u);
+        let idle_cpu = idle_u.map_or(0.0, |u| u.cpu_s);
+        let idle_sys = idle_u.map_or(0.0, |u| u.sys_s);
         let expected: u64 = rs.iter().map(|r| r.expected).sum();
         let delivered: u64 = rs
             .iter()
@@ -749,10 +748,6 @@ fn storm_scenario(
                     .collect(),
             )
         };
-        let idle_sys = idle
-            .iter()
-            .find(|(c, _)| *c == cfg)
-            .map_or(0.0, |(_, u)| u.sys_s);
         let sys_ms_per_k =
             per_event(&|r| Some((r.usage.as_ref()?.sys_s - idle_sys).max(0.0) * 1e6));
         let bytes_per_event = per_event(&|r| r.out_bytes.map(|b| b as f64));
