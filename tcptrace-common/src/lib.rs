@@ -139,6 +139,9 @@ pub struct SockInfo {
     pub pid: u32,
     pub owner_known: u32,
     pub comm: [u8; TASK_COMM_LEN],
+    /// Namespace inode, read once when the socket is first seen.
+    pub netns: u32,
+    pub _pad: u32,
 }
 
 /// Owner of a listening socket, keyed by (netns, port), so that children
@@ -152,12 +155,14 @@ pub struct ListenKey {
 }
 
 /// A flow waiting for the ACK that completes a handshake or acknowledges a FIN.
-/// Keyed in the direction of that ACK.
+/// Keyed in the direction of that ACK. Addresses are held as words (IPv4 in
+/// the first): the kernel side builds a key per segment, and byte arrays
+/// compile to byte-at-a-time copies in BPF.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowKey {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
     pub sport: u16,
     pub dport: u16,
     pub family: u16,

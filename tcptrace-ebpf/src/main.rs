@@ -11,9 +11,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
     macros::{classifier, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, TracePointContext},
@@ -92,8 +90,15 @@ fn count_lost() -> u64 {
     }
 }
 
+/// An address as the events carry it (IPv4 in the first word), held as words:
+/// zeroing or copying a `[u8; 16]` compiles to a byte-at-a-time `memset`/
+/// `memcpy` subprogram call in BPF, which cost a tenth of each program run.
+type Addr = [u32; 4];
+
 #[inline(always)]
-fn addr_eq(a: &[u8; 16], b: &[u8; 16], family: u16) -> bool {
+fn addr_eq(a: &[u8; 16], b: &Addr, family: u16) -> bool {
+    // SAFETY: same size; u8 has no alignment requirement.
+    let b: &[u8; 16] = unsafe { &*(b as *const Addr as *const [u8; 16]) };
     let n = if family == AF_INET { 4 } else { 16 };
     let mut i = 0;
     while i < n {
@@ -107,7 +112,7 @@ fn addr_eq(a: &[u8; 16], b: &[u8; 16], family: u16) -> bool {
 
 /// Shared by both programs: true when the user wants this 4-tuple.
 #[inline(always)]
-fn wanted(family: u16, local: &[u8; 16], remote: &[u8; 16], lport: u16, rport: u16) -> bool {
+fn wanted(family: u16, local: &Addr, remote: &Addr, lport: u16, rport: u16) -> bool {
     let f = filter();
     if f.family != 0 && f.family != family {
         return false;
@@ -136,11 +141,21 @@ fn wanted(family: u16, local: &[u8; 16], remote: &[u8; 16], lport: u16, rport: u
 
 #[inline(always)]
 fn current_owner(ts_ns: u64) -> SockInfo {
+    // Not aya's wrapper, which zeroes its buffer first (a `memset` call, see
+    // `Addr`): the helper fills all of it, with zeroes when it fails.
+    let mut comm = core::mem::MaybeUninit::<[u8; TASK_COMM_LEN]>::uninit();
+    // SAFETY: the buffer is TASK_COMM_LEN bytes and fully written by the helper.
+    let comm = unsafe {
+        generated::bpf_get_current_comm(comm.as_mut_ptr().cast(), TASK_COMM_LEN as u32);
+        comm.assume_init()
+    };
     SockInfo {
         ts_ns,
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         owner_known: 1,
-        comm: bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN]),
+        comm,
+        netns: 0,
+        _pad: 0,
     }
 }
 
@@ -189,13 +204,10 @@ unsafe fn tp<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
 
 /// An IPv6 address field (16 bytes at an 8-byte-aligned offset), as two loads.
 #[inline(always)]
-unsafe fn tp_addr6(ctx: &TracePointContext, off: usize) -> [u8; 16] {
+unsafe fn tp_addr6(ctx: &TracePointContext, off: usize) -> Addr {
     // SAFETY: as for `tp`.
     let (hi, lo): (u64, u64) = unsafe { (tp(ctx, off), tp(ctx, off + 8)) };
-    let mut a = [0u8; 16];
-    a[..8].copy_from_slice(&hi.to_ne_bytes());
-    a[8..].copy_from_slice(&lo.to_ne_bytes());
-    a
+    [hi as u32, (hi >> 32) as u32, lo as u32, (lo >> 32) as u32]
 }
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -213,17 +225,13 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
         let family: u16 = tp(ctx, TP_FAMILY);
         let sport: u16 = tp(ctx, TP_SPORT);
         let dport: u16 = tp(ctx, TP_DPORT);
-        let mut saddr = [0u8; 16];
-        let mut daddr = [0u8; 16];
-        if family == AF_INET {
-            saddr[..4].copy_from_slice(&tp::<u32>(ctx, TP_SADDR).to_ne_bytes());
-            daddr[..4].copy_from_slice(&tp::<u32>(ctx, TP_DADDR).to_ne_bytes());
+        let (saddr, daddr): (Addr, Addr) = if family == AF_INET {
+            ([tp(ctx, TP_SADDR), 0, 0, 0], [tp(ctx, TP_DADDR), 0, 0, 0])
         } else if family == AF_INET6 {
-            saddr = tp_addr6(ctx, TP_SADDR_V6);
-            daddr = tp_addr6(ctx, TP_DADDR_V6);
+            (tp_addr6(ctx, TP_SADDR_V6), tp_addr6(ctx, TP_DADDR_V6))
         } else {
             return Ok(());
-        }
+        };
         if !wanted(family, &saddr, &daddr, sport, dport) {
             return Ok(());
         }
@@ -231,7 +239,6 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
         let oldstate: i32 = tp(ctx, TP_OLDSTATE);
         let newstate: i32 = tp(ctx, TP_NEWSTATE);
         let now = bpf_ktime_get_ns();
-        let netns = sock_netns(skaddr);
 
         // These transitions run in the owning process (connect, listen,
         // close/shutdown); the rest often run in softirq on behalf of
@@ -243,16 +250,22 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
                 | (TCP_ESTABLISHED, TCP_FIN_WAIT1)
                 | (TCP_CLOSE_WAIT, TCP_LAST_ACK)
         );
-        let listen_key = ListenKey {
-            netns,
-            port: sport,
-            _pad: 0,
-        };
         // Kept as a pointer: a known socket's record is updated in place
         // below, since an insert into an LRU map takes a fresh element from
         // the free list and returns the old one, at every state change.
         let slot = SOCKS.get_ptr_mut(skaddr);
         let known = slot.map(|p| *p);
+        // A socket never changes namespace: two pointer reads at its first
+        // state change, none after.
+        let netns = match known {
+            Some(i) => i.netns,
+            None => sock_netns(skaddr),
+        };
+        let listen_key = ListenKey {
+            netns,
+            port: sport,
+            _pad: 0,
+        };
         let mut info = match known {
             Some(i) => i,
             None if oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV => {
@@ -276,28 +289,34 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
         if owner_ctx {
             info = current_owner(info.ts_ns);
         }
+        info.netns = netns;
 
         match EVENTS.reserve::<StateEvent>(0) {
             Some(mut entry) => {
-                entry.write(StateEvent {
-                    kind: EVENT_STATE,
-                    oldstate: oldstate as u8,
-                    newstate: newstate as u8,
-                    owner_known: info.owner_known as u8,
-                    family,
-                    sport,
-                    dport,
-                    _pad0: 0,
-                    pid: info.pid,
-                    ts_ns: now,
-                    skaddr,
-                    prev_state_ns,
-                    netns,
-                    _pad1: 0,
-                    saddr,
-                    daddr,
-                    comm: info.comm,
-                });
+                let ev = entry.as_mut_ptr();
+                // `ev` points at a reserved, exclusively owned record; the
+                // address and comm fields are 8-byte aligned in it (see `Addr`
+                // for why they are written as words).
+                {
+                    (*ev).kind = EVENT_STATE;
+                    (*ev).oldstate = oldstate as u8;
+                    (*ev).newstate = newstate as u8;
+                    (*ev).owner_known = info.owner_known as u8;
+                    (*ev).family = family;
+                    (*ev).sport = sport;
+                    (*ev).dport = dport;
+                    (*ev)._pad0 = 0;
+                    (*ev).pid = info.pid;
+                    (*ev).ts_ns = now;
+                    (*ev).skaddr = skaddr;
+                    (*ev).prev_state_ns = prev_state_ns;
+                    (*ev).netns = netns;
+                    (*ev)._pad1 = 0;
+                    *(core::ptr::addr_of_mut!((*ev).saddr) as *mut Addr) = saddr;
+                    *(core::ptr::addr_of_mut!((*ev).daddr) as *mut Addr) = daddr;
+                    *(core::ptr::addr_of_mut!((*ev).comm) as *mut [u64; 2]) =
+                        *(info.comm.as_ptr() as *const [u64; 2]);
+                }
                 entry.submit(0);
             }
             None => {
@@ -408,53 +427,105 @@ pub fn tcptrace_eg_l3(ctx: TcContext) -> i32 {
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
+/// Where header fields come from. Headers nearly always sit in the skb's
+/// linear part, where they are read directly; `bpf_skb_load_bytes` (a helper
+/// call per field, a sixth of each run when every read used it) is the
+/// fallback when they do not.
+trait Headers {
+    fn load<T: Copy>(&self, off: usize) -> Result<T, i64>;
+}
+
+/// Direct packet access, bounds-checked against `data_end` as the verifier
+/// requires.
+struct Linear {
+    data: usize,
+    end: usize,
+}
+
+impl Headers for Linear {
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Result<T, i64> {
+        let p = self.data + off;
+        // At least two bytes: LLVM turns `p + 1 > end` into `p >= end`, from
+        // which the verifier learns no readable range. Every field read here
+        // is followed by more header, so the extra byte is always there.
+        if p + core::mem::size_of::<T>().max(2) > self.end {
+            return Err(-1);
+        }
+        // SAFETY: in bounds (checked above); packet data has no alignment.
+        Ok(unsafe { core::ptr::read_unaligned(p as *const T) })
+    }
+}
+
+/// Copies out of the skb wherever the bytes are.
+struct Copied<'a>(&'a TcContext);
+
+impl Headers for Copied<'_> {
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Result<T, i64> {
+        self.0.load(off)
+    }
+}
+
 #[inline(always)]
 fn try_segment(ctx: &TcContext, dir: u8, l2_len: usize) -> Result<(), i64> {
+    let linear = Linear {
+        data: ctx.data(),
+        end: ctx.data_end(),
+    };
+    // Nothing is changed before the last header load, so a segment whose
+    // headers are not all linear is parsed again from the start.
+    match parse_segment(ctx, &linear, dir, l2_len) {
+        Err(_) => parse_segment(ctx, &Copied(ctx), dir, l2_len),
+        done => done,
+    }
+}
+
+#[inline(always)]
+fn parse_segment<H: Headers>(ctx: &TcContext, h: &H, dir: u8, l2_len: usize) -> Result<(), i64> {
     // SAFETY: ctx.skb points at the __sk_buff the kernel handed us.
     let (proto, ifindex, skb_len) = unsafe {
         let skb = &*ctx.skb.skb;
         (u16::from_be(skb.protocol as u16), skb.ifindex, skb.len)
     };
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
     let family;
+    let saddr: Addr;
+    let daddr: Addr;
     let l4: usize;
     // Bytes from the TCP header to the end of the IP payload; 0 when the IP
     // header does not say (IPv6 jumbograms, BIG TCP), then the skb length is used.
     let ip_payload: u32;
     if proto == ETH_P_IP {
         family = AF_INET;
-        let vihl: u8 = ctx.load(l2_len)?;
+        let vihl: u8 = h.load(l2_len)?;
         let ihl = ((vihl & 0x0f) as usize) * 4;
         if vihl >> 4 != 4 || ihl < 20 {
             return Ok(());
         }
-        if ctx.load::<u8>(l2_len + 9)? != IPPROTO_TCP {
+        if h.load::<u8>(l2_len + 9)? != IPPROTO_TCP {
             return Ok(());
         }
         // A non-first fragment carries no TCP header.
-        if u16::from_be(ctx.load::<u16>(l2_len + 6)?) & 0x1fff != 0 {
+        if u16::from_be(h.load::<u16>(l2_len + 6)?) & 0x1fff != 0 {
             return Ok(());
         }
-        let tot_len = u16::from_be(ctx.load::<u16>(l2_len + 2)?) as u32;
+        let tot_len = u16::from_be(h.load::<u16>(l2_len + 2)?) as u32;
         ip_payload = tot_len.saturating_sub(ihl as u32);
-        let s: [u8; 4] = ctx.load(l2_len + 12)?;
-        let d: [u8; 4] = ctx.load(l2_len + 16)?;
-        saddr[..4].copy_from_slice(&s);
-        daddr[..4].copy_from_slice(&d);
+        saddr = [h.load(l2_len + 12)?, 0, 0, 0];
+        daddr = [h.load(l2_len + 16)?, 0, 0, 0];
         l4 = l2_len + ihl;
     } else if proto == ETH_P_IPV6 {
         family = AF_INET6;
-        let payload_len = u16::from_be(ctx.load::<u16>(l2_len + 4)?) as u32;
-        let mut next: u8 = ctx.load(l2_len + 6)?;
-        saddr = ctx.load(l2_len + 8)?;
-        daddr = ctx.load(l2_len + 24)?;
+        let payload_len = u16::from_be(h.load::<u16>(l2_len + 4)?) as u32;
+        let mut next: u8 = h.load(l2_len + 6)?;
+        saddr = h.load(l2_len + 8)?;
+        daddr = h.load(l2_len + 24)?;
         let mut off = l2_len + 40;
         // Walk the extension headers a TCP segment may sit behind; anything
         // else (fragments, ESP, no-next-header) is skipped, never misparsed.
         let mut i = 0;
         while i < 6 && next != IPPROTO_TCP {
-            let hdr: [u8; 2] = ctx.load(off)?;
+            let hdr: [u8; 2] = h.load(off)?;
             off += match next {
                 0 | 43 | 60 => (hdr[1] as usize + 1) * 8,
                 51 => (hdr[1] as usize + 2) * 4,
@@ -477,7 +548,7 @@ fn try_segment(ctx: &TcContext, dir: u8, l2_len: usize) -> Result<(), i64> {
         return Ok(());
     }
 
-    let ports: [u8; 4] = ctx.load(l4)?;
+    let ports: [u8; 4] = h.load(l4)?;
     let sport = u16::from_be_bytes([ports[0], ports[1]]);
     let dport = u16::from_be_bytes([ports[2], ports[3]]);
     let (local, remote, lport, rport) = if dir == DIR_EGRESS {
@@ -488,14 +559,15 @@ fn try_segment(ctx: &TcContext, dir: u8, l2_len: usize) -> Result<(), i64> {
     if !wanted(family, local, remote, lport, rport) {
         return Ok(());
     }
-    let doff_flags: [u8; 2] = ctx.load(l4 + 12)?;
+    let doff_flags: [u8; 2] = h.load(l4 + 12)?;
     let doff = ((doff_flags[0] >> 4) as usize) * 4;
     let flags = doff_flags[1];
     if doff < 20 {
         return Ok(());
     }
-    let seq = u32::from_be(ctx.load::<u32>(l4 + 4)?);
-    let ack = u32::from_be(ctx.load::<u32>(l4 + 8)?);
+    let seq = u32::from_be(h.load::<u32>(l4 + 4)?);
+    let ack = u32::from_be(h.load::<u32>(l4 + 8)?);
+    let win = u16::from_be(h.load::<u16>(l4 + 14)?);
     let tcp_and_payload = if ip_payload != 0 {
         ip_payload
     } else {
@@ -548,7 +620,8 @@ fn try_segment(ctx: &TcContext, dir: u8, l2_len: usize) -> Result<(), i64> {
         Some(mut entry) => {
             let opt_len = (doff - 20) as u32;
             let ev = entry.as_mut_ptr();
-            // SAFETY: `ev` points at a reserved, exclusively owned record.
+            // SAFETY: `ev` points at a reserved, exclusively owned record;
+            // addresses and options are 8-byte aligned in it (see `Addr`).
             unsafe {
                 (*ev).kind = EVENT_SEGMENT;
                 (*ev).dir = dir;
@@ -557,25 +630,34 @@ fn try_segment(ctx: &TcContext, dir: u8, l2_len: usize) -> Result<(), i64> {
                 (*ev).family = family;
                 (*ev).sport = sport;
                 (*ev).dport = dport;
-                (*ev).win = u16::from_be(ctx.load::<u16>(l4 + 14).unwrap_or(0));
+                (*ev).win = win;
                 (*ev).ifindex = ifindex;
                 (*ev).ts_ns = ts_ns;
                 (*ev).seq = seq;
                 (*ev).ack = ack;
                 (*ev).len = len;
                 (*ev).netns = netns;
-                (*ev).saddr = saddr;
-                (*ev).daddr = daddr;
-                (*ev).options = [0; TCP_OPTIONS_MAX];
+                *(core::ptr::addr_of_mut!((*ev).saddr) as *mut Addr) = saddr;
+                *(core::ptr::addr_of_mut!((*ev).daddr) as *mut Addr) = daddr;
+                // Word by word and volatile, or LLVM merges the stores into
+                // a `memset` call (see `Addr`).
+                let opts = core::ptr::addr_of_mut!((*ev).options) as *mut u64;
+                let mut w = 0;
+                while w < TCP_OPTIONS_MAX / 8 {
+                    core::ptr::write_volatile(opts.add(w), 0);
+                    w += 1;
+                }
                 // Options come in whole 32-bit words (data offset counts
                 // words). Copying one word per fixed-size load keeps every
                 // length a constant, which every verifier (6.1 included)
                 // accepts; a variable-length load is not tracked well enough.
+                // Options past the linear part are copied out of the skb.
                 let words = opt_len as usize / 4;
                 let dst = core::ptr::addr_of_mut!((*ev).options) as *mut [u8; 4];
                 let mut i = 0;
                 while i < TCP_OPTIONS_MAX / 4 && i < words {
-                    match ctx.load::<[u8; 4]>(l4 + 20 + i * 4) {
+                    let off = l4 + 20 + i * 4;
+                    match h.load::<[u8; 4]>(off).or_else(|_| ctx.load::<[u8; 4]>(off)) {
                         Ok(w) => core::ptr::write_unaligned(dst.add(i), w),
                         Err(_) => break,
                     }

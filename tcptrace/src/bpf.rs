@@ -409,11 +409,16 @@ fn attach_wire(
             }
         })
         .collect();
-    for set in [PROGS_ETH, PROGS_L3] {
-        for (name, _) in set {
+    // Only the programs some interface needs: each load is a verifier pass,
+    // which is most of start-up on a slow machine, and is repeated per
+    // namespace.
+    let mut loaded: Vec<&str> = Vec::new();
+    for (name, _) in ifaces.iter().flat_map(tc_hooks) {
+        if !loaded.contains(&name) {
             let p: &mut SchedClassifier = program(&mut inst.ebpf, name)?.try_into()?;
             p.load()
                 .map_err(|e| explain_load_error(anyhow!(e).context(name)))?;
+            loaded.push(name);
         }
     }
     let mut attached = Vec::new();
@@ -430,13 +435,7 @@ fn attach_wire(
                 }
             }
         }
-        let progs = if iface.ethernet { PROGS_ETH } else { PROGS_L3 };
-        for (name, at) in progs {
-            // On loopback a segment passes egress and then ingress: one hook
-            // sees it once.
-            if iface.loopback && at == TcAttachType::Ingress {
-                continue;
-            }
+        for (name, at) in tc_hooks(&iface) {
             let p: &mut SchedClassifier = program(&mut inst.ebpf, name)?.try_into()?;
             let opts = if tcx {
                 TcAttachOptions::TcxOrder(LinkOrder::default())
@@ -452,6 +451,17 @@ fn attach_wire(
         attached.push((iface.index, iface.name));
     }
     Ok(attached)
+}
+
+/// The classifiers an interface gets, and where.
+fn tc_hooks(iface: &Iface) -> impl Iterator<Item = (&'static str, TcAttachType)> {
+    let progs = if iface.ethernet { PROGS_ETH } else { PROGS_L3 };
+    // On loopback a segment passes egress and then ingress: one hook sees it
+    // once.
+    let loopback = iface.loopback;
+    progs
+        .into_iter()
+        .filter(move |(_, at)| !(loopback && *at == TcAttachType::Ingress))
 }
 
 impl Drop for Tracer {

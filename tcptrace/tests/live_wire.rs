@@ -314,3 +314,157 @@ fn nothing_left_after_exit_or_kill() {
     );
     assert_eq!(our_programs(), before, "programs left after kill -9");
 }
+
+/// A tun device in namespace `ns`, its end of the wire held here: what is
+/// written goes in as received, what the kernel sends comes out.
+struct Tun {
+    file: std::fs::File,
+}
+
+impl Tun {
+    fn open(ns: &str, name: &str) -> Tun {
+        let name = name.to_string();
+        let file = in_netns(Some(ns), move || {
+            if !std::path::Path::new("/dev/net/tun").exists() {
+                // A bare initramfs has no udev to make the node.
+                let _ = std::fs::create_dir_all("/dev/net");
+                let dev = libc::makedev(10, 200);
+                // SAFETY: a NUL-terminated path.
+                unsafe { libc::mknod(c"/dev/net/tun".as_ptr(), libc::S_IFCHR | 0o600, dev) };
+            }
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .expect("/dev/net/tun (module tun)");
+            // struct ifreq: the name, then the flags.
+            let mut ifr = [0u8; 40];
+            ifr[..name.len()].copy_from_slice(name.as_bytes());
+            let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as u16;
+            ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+            const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+            // SAFETY: the fd is open, ifr is a struct ifreq.
+            let r = unsafe {
+                libc::ioctl(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    TUNSETIFF,
+                    ifr.as_mut_ptr(),
+                )
+            };
+            assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+            file
+        });
+        Tun { file }
+    }
+
+    fn send(&mut self, packet: &[u8]) {
+        use std::io::Write;
+        self.file.write_all(packet).expect("write to tun");
+    }
+
+    /// The next IPv4 TCP packet the kernel sends, within two seconds.
+    fn recv_tcp(&mut self) -> Vec<u8> {
+        use std::io::Read;
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "no TCP packet came out of the tun device");
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) } <= 0 {
+                continue;
+            }
+            let mut buf = vec![0u8; 2048];
+            let n = self.file.read(&mut buf).expect("read from tun");
+            buf.truncate(n);
+            if n >= 40 && buf[0] >> 4 == 4 && buf[9] == 6 {
+                return buf;
+            }
+        }
+    }
+}
+
+/// Interfaces without an Ethernet header (tun, WireGuard) get the `_l3`
+/// classifiers. A handshake written by hand into a tun device — SYN in, the
+/// kernel's SYN-ACK out, the ACK that completes it in, then a RST — is seen
+/// on both hooks with the numbers that were on the wire.
+#[test]
+fn tun_handshake_seen_without_ethernet_header() {
+    if !need_root("tun_handshake_seen_without_ethernet_header") {
+        return;
+    }
+    use tcptrace::event::TcpFlags;
+    use tcptrace::pcap::build::{ip_packet, syn_options, SegmentSpec};
+    let net = NetPair::new();
+    let mut tun = Tun::open(&net.a, "tttun0");
+    ip(&["-n", &net.a, "addr", "add", "10.78.0.1/24", "dev", "tttun0"]);
+    ip(&["-n", &net.a, "link", "set", "tttun0", "up"]);
+    let server: SocketAddr = "10.78.0.1:8080".parse().unwrap();
+    let client: SocketAddr = "10.78.0.2:40000".parse().unwrap();
+    let listener = in_netns(Some(&net.a), move || {
+        std::net::TcpListener::bind(server).expect("listen in the namespace")
+    });
+    let trace = Trace::start(&[
+        "--json", "--netns", &net.a, "--iface", "tttun0", "--port", "8080",
+    ]);
+
+    let syn = SegmentSpec {
+        seq: 1000,
+        options: syn_options(1400, Some(7), true, None),
+        ..SegmentSpec::new(client, server, TcpFlags::SYN)
+    };
+    tun.send(&ip_packet(&syn));
+    let synack = tun.recv_tcp();
+    let l4 = (synack[0] & 0x0f) as usize * 4;
+    assert_eq!(
+        synack[l4 + 13] & (TcpFlags::SYN | TcpFlags::ACK),
+        TcpFlags::SYN | TcpFlags::ACK,
+        "the kernel answered {synack:?}"
+    );
+    let isn = u32::from_be_bytes(synack[l4 + 4..l4 + 8].try_into().unwrap());
+    let ack = SegmentSpec {
+        seq: 1001,
+        ack: isn.wrapping_add(1),
+        ..SegmentSpec::new(client, server, TcpFlags::ACK)
+    };
+    tun.send(&ip_packet(&ack));
+    let rst = SegmentSpec {
+        seq: 1001,
+        ..SegmentSpec::new(client, server, TcpFlags::RST)
+    };
+    tun.send(&ip_packet(&rst));
+    let events = trace.stop();
+    drop(listener);
+
+    let segs = of_type(&events, "segment");
+    let seen: Vec<(String, String, u64, u64)> = segs
+        .iter()
+        .map(|s| {
+            assert_eq!(s["iface"], "tttun0", "{s}");
+            (
+                s["dir"].as_str().unwrap().to_string(),
+                s["flags"].as_str().unwrap().to_string(),
+                s["seq"].as_u64().unwrap(),
+                s["ack"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let isn = isn as u64;
+    assert_eq!(
+        seen,
+        [
+            ("ingress".into(), "S".into(), 1000, 0),
+            ("egress".into(), "S.".into(), isn, 1001),
+            ("ingress".into(), ".".into(), 1001, isn + 1),
+            ("ingress".into(), "R".into(), 1001, 0),
+        ],
+        "segments: {segs:#?}"
+    );
+    let syn_seen = &segs[0];
+    assert_eq!(syn_seen["options"]["mss"], 1400, "{syn_seen}");
+    assert_eq!(syn_seen["options"]["wscale"], 7, "{syn_seen}");
+}

@@ -133,7 +133,7 @@ impl Drop for Trace {
 
 static NS_SEQ: AtomicU32 = AtomicU32::new(0);
 
-fn ip(args: &[&str]) {
+pub fn ip(args: &[&str]) {
     let st = Command::new("ip")
         .args(args)
         .status()

@@ -25,6 +25,9 @@ const MODULES: &[(&str, bool)] = &[
     // Lets tests drop or delay segments (`tc qdisc … netem`) to provoke
     // retransmissions; only needed by those that ask for it.
     ("sch_netem", false),
+    // A tun device is the interface without an Ethernet header that the
+    // `_l3` classifiers are tested on.
+    ("tun", false),
 ];
 
 /// Host tools the tests shell out to, copied with their libraries.
