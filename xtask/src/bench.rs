@@ -10,7 +10,10 @@
 //! tracer writes its full output to a file, as a user would; afterwards we
 //! count what it delivered against what the connection count says it should
 //! have (per-connection counts measured by a calibration run), read what it
-//! reported lost, and take its CPU time and peak RSS from wait4(2).
+//! reported lost, and take its CPU time and peak RSS from wait4(2). One more
+//! wire-on run with the kernel's BPF statistics on gives the eBPF programs'
+//! own cost (ns per run, paid by the storm), and a timed write of a scratch
+//! file what writing output costs on this machine, which varies.
 //!
 //! Scale scenario: 100,000 concurrent idle connections opened, held and
 //! closed while tcptrace runs: its memory per connection, and whether the
@@ -222,6 +225,8 @@ struct Run {
     missed: Option<u64>,
     /// Size of the tracer's output file.
     out_bytes: Option<u64>,
+    /// Per program: (name, runs, run time ns); see `ebpf_cost`.
+    prog_stats: Vec<(String, u64, u64)>,
 }
 
 impl Run {
@@ -494,8 +499,10 @@ fn run_one(
         drain_s: None,
         missed: None,
         out_bytes: None,
+        prog_stats: Vec::new(),
     };
     if let Some(t) = tracer {
+        run.prog_stats = t.prog_run_stats();
         // Let it catch up before stopping it, as a user would.
         run.drain_s = Some(t.wait_quiet(Duration::from_millis(600), Duration::from_secs(120)));
         run.missed = Some(t.prog_misses());
@@ -659,6 +666,10 @@ fn storm_scenario(
         "--duration".into(),
         duration.to_string(),
     ];
+    // The price of a fresh page-cache page, which every tracer's output
+    // pays, before the rounds (memory has been idle) and right after them
+    // (pages of the output files just deleted are reused).
+    let write_before = page_cache_write_mb_s(&ctx.dir)?;
     let mut runs: Vec<Run> = Vec::new();
     for round in 0..rounds {
         let order: Vec<Cfg> = if round % 2 == 0 {
@@ -685,6 +696,12 @@ fn storm_scenario(
             runs.push(r);
         }
     }
+
+    let (cost_j, cost_md) = ebpf_cost(ctx, &storm_args, pc, rounds)?;
+    let write_after = page_cache_write_mb_s(&ctx.dir)?;
+    eprintln!(
+        "bench: writing into new page-cache pages: {write_before:.0} MB/s before the rounds, {write_after:.0} MB/s after"
+    );
 
     // Per configuration.
     let base_of = |round: usize| {
@@ -840,6 +857,13 @@ fn storm_scenario(
                     .collect(),
             ),
         )
+        .with("ebpf_cost", cost_j)
+        .with(
+            "page_cache_write_mb_s",
+            J::obj()
+                .with("before_rounds", write_before)
+                .with("after_rounds", write_after),
+        )
         .with("runs", J::A(runs.iter().map(Run::json).collect()));
     md.push_str(
         "\n\"vs no tracer\" is the median of per-round ratios (each run against the no-tracer run of its round). \
@@ -850,7 +874,79 @@ fn storm_scenario(
          \"output settles\": how long after the storm the output file kept growing (tcptrace's finished connection records linger 0.5 s for stragglers, 20 ms when only the kernel saw them; \
          tcpstates' stdio buffer only reaches the file at exit).\n",
     );
+    md.push_str(&cost_md);
+    md.push_str(&format!(
+        "\nwrite(2) of 256 MiB into a new file next to the outputs: {write_before:.0} MB/s before the rounds, {write_after:.0} MB/s right after them. \
+         Every tracer's output pays this per byte; on a VM whose host takes back free guest memory (free page reporting), a page that was \
+         idle costs a hypervisor fault on first touch, so the figure, and tracer sys time with it, moves between runs.\n"
+    ));
     Ok((j, md, targets))
+}
+
+/// The eBPF programs' own cost, which the storm pays: one more wire-on run
+/// with the kernel's BPF run-time statistics on. They add two clock reads per
+/// program run, so the timed rounds leave them off.
+fn ebpf_cost(ctx: &Ctx, storm_args: &[String], pc: PerConn, round: usize) -> Result<(J, String)> {
+    const KNOB: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write(KNOB, &self.0);
+        }
+    }
+    let before = std::fs::read_to_string(KNOB).with_context(|| format!("reading {KNOB}"))?;
+    let _restore = Restore(before.trim().to_string());
+    std::fs::write(KNOB, "1").with_context(|| format!("writing {KNOB}"))?;
+    let r = run_one(ctx, Cfg::Wire, storm_args, round, Some(pc), false)?;
+    let mut md = format!(
+        "\n### eBPF programs (one more wire-on run, {:.0} conn/s, with kernel.bpf_stats_enabled)\n\n\
+         | program | runs | runs / connection | ns / run | ns / connection |\n|---|---:|---:|---:|---:|\n",
+        r.conn_per_s
+    );
+    let mut progs = Vec::new();
+    let mut total = 0.0;
+    for (name, runs, ns) in r.prog_stats.iter().filter(|p| p.1 > 0) {
+        let per_run = *ns as f64 / *runs as f64;
+        let per_conn = *ns as f64 / r.conns.max(1) as f64;
+        total += per_conn;
+        md.push_str(&format!(
+            "| {name} | {runs} | {:.2} | {per_run:.0} | {per_conn:.0} |\n",
+            *runs as f64 / r.conns.max(1) as f64
+        ));
+        progs.push(
+            J::obj()
+                .with("program", name.as_str())
+                .with("runs", *runs)
+                .with("ns_per_run", per_run)
+                .with("ns_per_connection", per_conn),
+        );
+    }
+    md.push_str(&format!("| all | | | | {total:.0} |\n"));
+    eprintln!("bench: eBPF programs cost {total:.0} ns of the storm's CPU per connection");
+    Ok((
+        J::obj()
+            .with("connections", r.conns)
+            .with("ns_per_connection", total)
+            .with("programs", J::A(progs)),
+        md,
+    ))
+}
+
+/// MB/s of write(2) into a new file in `dir` (256 MiB, 256 KiB at a time).
+fn page_cache_write_mb_s(dir: &Path) -> Result<f64> {
+    use std::io::Write;
+    let path = dir.join("page-cache-calibration.tmp");
+    let chunk = vec![b'x'; 256 << 10];
+    let mut f =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    let t = std::time::Instant::now();
+    for _ in 0..1024 {
+        f.write_all(&chunk)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(256.0 * 1.048_576 / secs)
 }
 
 /// `YYYYmmddTHHMMSSZ` (UTC) without a date crate.

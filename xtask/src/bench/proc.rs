@@ -332,6 +332,40 @@ impl Tracer {
         total
     }
 
+    /// The tracer's programs as the kernel counts them while
+    /// `kernel.bpf_stats_enabled` is 1: (name, runs, total run time ns).
+    /// Zeros when the statistics are off.
+    pub fn prog_run_stats(&self) -> Vec<(String, u64, u64)> {
+        let mut v = Vec::new();
+        for (fd, l) in fd_links(self.pid) {
+            if l != "anon_inode:bpf-prog" {
+                continue;
+            }
+            let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", self.pid))
+                .unwrap_or_default();
+            let field = |k: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(k).and_then(|v| v.trim().parse::<u64>().ok()))
+                    .unwrap_or(0)
+            };
+            let id = field("prog_id:").to_string();
+            let show = Command::new("bpftool")
+                .args(["prog", "show", "id", &id])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let name = show
+                .split_whitespace()
+                .skip_while(|w| *w != "name")
+                .nth(1)
+                .unwrap_or("?")
+                .to_string();
+            v.push((name, field("run_cnt:"), field("run_time_ns:")));
+        }
+        v.sort();
+        v
+    }
+
     /// The tracer's BPF maps: (name, type, max_entries, memlock bytes, entries now).
     pub fn bpf_maps(&self) -> Vec<BpfMap> {
         let mut maps = Vec::new();
