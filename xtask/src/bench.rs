@@ -905,7 +905,7 @@ fn ebpf_cost(ctx: &Ctx, storm_args: &[String], pc: PerConn, round: usize) -> Res
     );
     let mut progs = Vec::new();
     let mut total = 0.0;
-    for (name, runs, ns) in r.prog_stats.iter().filter(|p| p.1 > 0) {
+    for (name, runs, ns) in &r.prog_stats {
         let per_run = *ns as f64 / *runs as f64;
         let per_conn = *ns as f64 / r.conns.max(1) as f64;
         total += per_conn;

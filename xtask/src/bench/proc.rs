@@ -333,8 +333,8 @@ impl Tracer {
     }
 
     /// The tracer's programs as the kernel counts them while
-    /// `kernel.bpf_stats_enabled` is 1: (name, runs, total run time ns).
-    /// Zeros when the statistics are off.
+    /// `kernel.bpf_stats_enabled` is 1: (name, runs, total run time ns) of
+    /// those that ran; none when the statistics are off.
     pub fn prog_run_stats(&self) -> Vec<(String, u64, u64)> {
         let mut v = Vec::new();
         for (fd, l) in fd_links(self.pid) {
@@ -348,6 +348,11 @@ impl Tracer {
                     .find_map(|l| l.strip_prefix(k).and_then(|v| v.trim().parse::<u64>().ok()))
                     .unwrap_or(0)
             };
+            let runs = field("run_cnt:");
+            if runs == 0 {
+                // Statistics off (or a program that never ran): no name needed.
+                continue;
+            }
             let id = field("prog_id:").to_string();
             let show = Command::new("bpftool")
                 .args(["prog", "show", "id", &id])
@@ -360,7 +365,7 @@ impl Tracer {
                 .nth(1)
                 .unwrap_or("?")
                 .to_string();
-            v.push((name, field("run_cnt:"), field("run_time_ns:")));
+            v.push((name, runs, field("run_time_ns:")));
         }
         v.sort();
         v
