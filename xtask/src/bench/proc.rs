@@ -303,72 +303,47 @@ impl Tracer {
     /// Programs whose name says "accept" (tcptrace's owner hooks) emit no
     /// events, so their misses are left out.
     pub fn prog_misses(&self) -> u64 {
-        let mut total = 0;
-        for (fd, l) in fd_links(self.pid) {
-            if l != "anon_inode:bpf-prog" {
-                continue;
-            }
-            let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", self.pid))
-                .unwrap_or_default();
-            let field = |k: &str| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix(k).and_then(|v| v.trim().parse::<u64>().ok()))
-            };
-            let misses = field("recursion_misses:").unwrap_or(0);
-            if misses == 0 {
-                continue;
-            }
-            let id = field("prog_id:").unwrap_or(0).to_string();
-            let show = Command::new("bpftool")
-                .args(["prog", "show", "id", &id])
-                .output();
-            let name = show
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            if !name.contains("accept") {
-                total += misses;
-            }
-        }
-        total
+        self.prog_fdinfos()
+            .iter()
+            .map(|info| (info.field("recursion_misses:"), info))
+            .filter(|(misses, info)| *misses > 0 && !info.name().contains("accept"))
+            .map(|(misses, _)| misses)
+            .sum()
     }
 
     /// The tracer's programs as the kernel counts them while
     /// `kernel.bpf_stats_enabled` is 1: (name, runs, total run time ns) of
     /// those that ran; none when the statistics are off.
     pub fn prog_run_stats(&self) -> Vec<(String, u64, u64)> {
-        let mut v = Vec::new();
-        for (fd, l) in fd_links(self.pid) {
-            if l != "anon_inode:bpf-prog" {
-                continue;
-            }
-            let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", self.pid))
-                .unwrap_or_default();
-            let field = |k: &str| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix(k).and_then(|v| v.trim().parse::<u64>().ok()))
-                    .unwrap_or(0)
-            };
-            let runs = field("run_cnt:");
-            if runs == 0 {
-                // Statistics off (or a program that never ran): no name needed.
-                continue;
-            }
-            let id = field("prog_id:").to_string();
-            let show = Command::new("bpftool")
-                .args(["prog", "show", "id", &id])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            let name = show
-                .split_whitespace()
-                .skip_while(|w| *w != "name")
-                .nth(1)
-                .unwrap_or("?")
-                .to_string();
-            v.push((name, runs, field("run_time_ns:")));
-        }
+        let mut v: Vec<_> = self
+            .prog_fdinfos()
+            .iter()
+            // Statistics off (or a program that never ran): no name needed.
+            .filter(|info| info.field("run_cnt:") > 0)
+            .map(|info| {
+                (
+                    info.name(),
+                    info.field("run_cnt:"),
+                    info.field("run_time_ns:"),
+                )
+            })
+            .collect();
         v.sort();
         v
+    }
+
+    /// /proc fdinfo of each BPF program the tracer holds open.
+    fn prog_fdinfos(&self) -> Vec<ProgInfo> {
+        fd_links(self.pid)
+            .into_iter()
+            .filter(|(_, l)| l == "anon_inode:bpf-prog")
+            .map(|(fd, _)| {
+                ProgInfo(
+                    std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", self.pid))
+                        .unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 
     /// The tracer's BPF maps: (name, type, max_entries, memlock bytes, entries now).
@@ -451,5 +426,33 @@ impl BpfMap {
             .with("max_entries", self.max_entries)
             .with("memlock_bytes", self.memlock)
             .with("entries", self.entries)
+    }
+}
+
+/// A BPF program's /proc fdinfo text.
+struct ProgInfo(String);
+
+impl ProgInfo {
+    /// A numeric field (`key` with its colon), 0 when absent.
+    fn field(&self, key: &str) -> u64 {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0)
+    }
+
+    /// The program's name, from bpftool (fdinfo has only its id); "?" if unknown.
+    fn name(&self) -> String {
+        let id = self.field("prog_id:").to_string();
+        let show = Command::new("bpftool")
+            .args(["prog", "show", "id", &id])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        show.split_whitespace()
+            .skip_while(|w| *w != "name")
+            .nth(1)
+            .unwrap_or("?")
+            .to_string()
     }
 }
