@@ -142,14 +142,18 @@ impl Net {
         }
     }
 
-    /// True for events from the demo's namespaces. The state tracepoint sees
-    /// every namespace, so port 80 traffic of the host would otherwise show up.
-    pub fn owns(&self, ev: &Event) -> bool {
-        let ns = match ev {
-            Event::State(s) => s.netns,
-            Event::Segment(s) => s.netns,
-        };
-        ns == self.client_inode || ns == self.server_inode
+    /// Keeps the events of the demo's namespaces (a filter the ring readers'
+    /// thread can hold). The state tracepoint sees every namespace, so port
+    /// 80 traffic of the host would otherwise show up.
+    pub fn event_filter(&self) -> impl Fn(&Event) -> bool + Send + Sync + 'static {
+        let (client, server) = (self.client_inode, self.server_inode);
+        move |ev| {
+            let ns = match ev {
+                Event::State(s) => s.netns,
+                Event::Segment(s) => s.netns,
+            };
+            ns == client || ns == server
+        }
     }
 
     fn remove(&mut self) {

@@ -14,7 +14,7 @@ use tcptrace::bpf::{TraceConfig, Tracer};
 use tcptrace::demo;
 use tcptrace::event::Event;
 use tcptrace::matcher::{Connection, Matcher, MatcherConfig};
-use tcptrace::reader::{self, Batch, ReaderStats};
+use tcptrace::reader::{self, Batch, Intake, ReaderStats, Reorder};
 use tcptrace::render::{self, Clock, Mode};
 use tcptrace_common::{Filter, AF_INET, AF_INET6, MAX_PORTS};
 use tokio::signal::unix::{signal, SignalKind};
@@ -252,7 +252,7 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
             events: a.count,
             ..Stop::default()
         },
-        keep: &|_| true,
+        keep: Box::new(|_| true),
         on_connection: &mut |_| {},
         always_match: false,
         stopped: None,
@@ -305,8 +305,9 @@ struct Stop {
 struct Run<'a> {
     mode: Mode,
     stop: Stop,
-    /// Which events to use; the others are dropped before output and matching.
-    keep: &'a dyn Fn(&Event) -> bool,
+    /// Which events to use; the others are dropped before output and
+    /// matching (on the readers' thread).
+    keep: Box<dyn Fn(&Event) -> bool + Send + Sync>,
     /// Sees every connection the matcher emits, after it is printed.
     on_connection: &'a mut dyn FnMut(&Connection),
     /// Match connections in --events mode too (to count them).
@@ -356,10 +357,11 @@ async fn run_live(
     let clock = Clock::monotonic();
     let names = Arc::new(tracer.iface_names.clone());
     let stats = Arc::new(ReaderStats::default());
+    let intake = Arc::new(Intake::new(keep, stop.events));
     // Bounds what waits between the readers and the matcher to
-    // QUEUED_BATCHES × reader::MAX_BATCH events and their lines (about 120 MB
-    // at worst, when the matcher falls behind); past that the
-    // readers wait, the rings fill, and the kernel counts what it drops.
+    // QUEUED_BATCHES × reader::MAX_BATCH events (about 30 MB at worst, when
+    // the matcher falls behind); past that the readers wait, the rings
+    // fill, and the kernel counts what it drops.
     let (tx, mut rx) = mpsc::channel::<Batch>(QUEUED_BATCHES);
     for ring in rings {
         tokio::spawn(reader::read_ring(
@@ -367,6 +369,7 @@ async fn run_live(
             names.clone(),
             (mode, clock),
             stats.clone(),
+            intake.clone(),
             tx.clone(),
         ));
     }
@@ -375,7 +378,8 @@ async fn run_live(
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut matcher = Matcher::new(MatcherConfig::default());
     let mut out = BufWriter::with_capacity(OUT_BUFFER, std::io::stdout());
-    let mut events: u64 = 0;
+    // Events that reached this loop; the readers count those they took.
+    let mut received: u64 = 0;
     let connections = std::cell::Cell::new(0u64);
     let mut lost_reported = 0;
     let mut missed_reported = 0;
@@ -403,25 +407,20 @@ async fn run_live(
     'run: loop {
         tokio::select! {
             batch = rx.recv() => {
-                let Some(Batch { events: evs, lines }) = batch else { break 'run };
-                for (i, ev) in evs.into_iter().enumerate().filter(|(_, e)| keep(e)) {
-                    events += 1;
-                    out.write_all(lines.get(i))?;
-                    if matching {
+                let Some(batch) = batch else { break 'run };
+                received += batch.len() as u64;
+                if matching {
+                    for ev in batch {
                         order.push(ev);
                     }
-                    if stop.events.is_some_and(|n| events >= n) {
-                        break 'run;
-                    }
                 }
-                // Under load the channel is never empty and the 250 ms tick
-                // flushes; a quiet trace shows each event as it comes.
-                if rx.is_empty() {
-                    out.flush()?;
+                if stop.events.is_some_and(|n| received >= n) {
+                    break 'run;
                 }
             }
             _ = flush.tick(), if matching && !order.is_empty() => {
-                for ev in order.take_older(monotonic_ns().saturating_sub(REORDER_NS.as_nanos() as u64)) {
+                let cutoff = monotonic_ns().saturating_sub(REORDER_NS.as_nanos() as u64);
+                while let Some(ev) = order.pop_older(cutoff) {
                     for c in matcher.push(ev) {
                         emit(&mut out, &c)?;
                     }
@@ -435,6 +434,9 @@ async fn run_live(
                     }
                 }
                 out.flush()?;
+                if intake.failed() {
+                    break 'run;
+                }
                 let lost = tracer.lost();
                 if lost > lost_reported {
                     eprintln!("tcptrace: lost {} events (ring buffer full; raise --ring-size); {lost} in total", lost - lost_reported);
@@ -465,25 +467,23 @@ async fn run_live(
     if let Some(f) = stopped {
         f.store(true, Ordering::SeqCst);
     }
-    // Events already in the channel still count toward the summary; the
-    // readers run on their own thread and would keep it full under load, so
-    // nothing new is let in.
+    // The readers stop taking events (they run on their own thread and
+    // would keep the channel full under load); those they took, whose lines
+    // are out, are all counted, and those that reached the channel matched.
     rx.close();
+    let (events, failed) = intake.close();
+    if let Some(e) = failed {
+        return Err(e).context("cannot write the event lines");
+    }
     while let Ok(batch) = rx.try_recv() {
-        if stop.events.is_some_and(|n| events >= n) {
-            break;
-        }
-        let Batch { events: evs, lines } = batch;
-        for (i, ev) in evs.into_iter().enumerate().filter(|(_, e)| keep(e)) {
-            events += 1;
-            out.write_all(lines.get(i))?;
-            if matching {
+        if matching {
+            for ev in batch {
                 order.push(ev);
             }
         }
     }
     if matching {
-        for ev in order.take_older(u64::MAX) {
+        while let Some(ev) = order.pop_older(u64::MAX) {
             for c in matcher.push(ev) {
                 emit(&mut out, &c)?;
             }
@@ -524,33 +524,6 @@ const QUEUED_BATCHES: usize = 256;
 /// How long events wait before they go to the matcher, so that those from
 /// other rings can be put before them.
 const REORDER_NS: Duration = Duration::from_millis(40);
-
-/// Events in arrival order, put in time order when they are taken. Rings
-/// are drained in order, so the held events are a few sorted runs and a
-/// stable sort (which finds runs) costs about one pass, less than keeping a
-/// tree: ties keep their arrival order.
-#[derive(Default)]
-struct Reorder {
-    held: Vec<Event>,
-}
-
-impl Reorder {
-    fn push(&mut self, ev: Event) {
-        self.held.push(ev);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.held.is_empty()
-    }
-
-    /// The events at or before `ts_ns`, oldest first.
-    fn take_older(&mut self, ts_ns: u64) -> Vec<Event> {
-        self.held.sort_by_key(Event::ts_ns);
-        let n = self.held.partition_point(|e| e.ts_ns() <= ts_ns);
-        let rest = self.held.split_off(n);
-        std::mem::replace(&mut self.held, rest)
-    }
-}
 
 /// `tcptrace demo`: see [`tcptrace::demo`].
 fn demo(a: DemoArgs, mode: Mode) -> Result<i32> {
@@ -603,7 +576,7 @@ fn demo(a: DemoArgs, mode: Mode) -> Result<i32> {
             })),
             ..Stop::default()
         },
-        keep: &|ev| net.owns(ev),
+        keep: Box::new(net.event_filter()),
         on_connection: &mut |c| summary.add(c),
         always_match: true,
         stopped: Some(&stopping),

@@ -10,8 +10,9 @@
 //! few records, so at 300,000 events/s that cost was paid tens of thousands
 //! of times a second (a fifth of the host's CPU in `cargo xtask bench`).
 //! Napping lets records pile up: one signal and one wakeup per nap.
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
@@ -22,30 +23,31 @@ use crate::decode::{self, IfaceNames};
 use crate::event::Event;
 use crate::render::{self, Clock, Mode};
 
-/// Events taken from a ring in one go, each with its output line. Lines
-/// are rendered here, on the ring thread, because the other thread (which
-/// matches, writes connections and does the write(2)s) is the one that falls
-/// behind at saturation.
-pub struct Batch {
-    pub events: Vec<Event>,
-    pub lines: Lines,
-}
+/// The events a reader took from its ring in one go, in ring order, on
+/// their way to the matcher. Their lines are already written.
+pub type Batch = Vec<Event>;
 
 /// The output lines of a batch's events, back to back.
 #[derive(Default)]
-pub struct Lines {
+struct Lines {
     bytes: Vec<u8>,
     ends: Vec<usize>,
 }
 
 impl Lines {
-    /// Event `i`'s line; empty in modes that print no line per event.
-    pub fn get(&self, i: usize) -> &[u8] {
-        let Some(&end) = self.ends.get(i) else {
-            return &[];
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+
+    /// The lines of events `from..to` (`to` past the last: through the
+    /// last), back to back; empty in modes that print no line per event.
+    fn range(&self, from: usize, to: usize) -> &[u8] {
+        let start = |i: usize| match i.checked_sub(1) {
+            None => 0,
+            Some(i) => self.ends.get(i).copied().unwrap_or(self.bytes.len()),
         };
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.bytes[start..end]
+        &self.bytes[start(from)..start(to)]
     }
 }
 
@@ -56,24 +58,109 @@ pub struct ReaderStats {
     pub undecodable: AtomicU64,
 }
 
+/// Where the readers' events enter the run: which are kept, how many may
+/// be taken (`--count`), and the count of those taken, whose lines are
+/// written. The readers write the event lines themselves (the thread that
+/// matches and writes connections is the one that falls behind at
+/// saturation, and write(2) into the page cache is a good part of the
+/// cost), each batch's lines in one write(2) of whole lines, before the
+/// batch goes to the matcher: an event's line always comes before its
+/// connection's. Once [`Intake::close`]d, nothing more is taken or written,
+/// so the summary is the last line and counts every event line above it.
+pub struct Intake {
+    keep: Box<dyn Fn(&Event) -> bool + Send + Sync>,
+    limit: Option<u64>,
+    state: Mutex<Taken>,
+    /// Set with `Taken::error`, for a look without the lock (which a
+    /// reader holds through its write(2)).
+    failed: AtomicBool,
+}
+
+#[derive(Default)]
+struct Taken {
+    events: u64,
+    closed: bool,
+    /// The first write error (stdout closed, disk full); ends the run.
+    error: Option<std::io::Error>,
+}
+
+impl Intake {
+    pub fn new(keep: Box<dyn Fn(&Event) -> bool + Send + Sync>, limit: Option<u64>) -> Intake {
+        Intake {
+            keep,
+            limit,
+            state: Mutex::default(),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    fn taken(&self) -> std::sync::MutexGuard<'_, Taken> {
+        // A reader that panicked while holding the lock left counts that
+        // are still right: nothing is done under it that can panic midway.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the first events of a batch, as many as the limit lets in,
+    /// and writes their lines; returns how many. 0 once closed.
+    fn take(&self, lines: &Lines, n: usize) -> usize {
+        let mut t = self.taken();
+        if t.closed {
+            return 0;
+        }
+        let room = self.limit.map_or(u64::MAX, |l| l.saturating_sub(t.events));
+        let n = n.min(usize::try_from(room).unwrap_or(usize::MAX));
+        if let Err(e) = std::io::stdout().write_all(lines.range(0, n)) {
+            t.error = Some(e);
+            t.closed = true;
+            self.failed.store(true, Ordering::Relaxed);
+            return 0;
+        }
+        t.events += n as u64;
+        if self.limit.is_some_and(|l| t.events >= l) {
+            t.closed = true;
+        }
+        n
+    }
+
+    /// Stops taking events; returns how many were taken, and the write
+    /// error that stopped the readers, if one did.
+    pub fn close(&self) -> (u64, Option<std::io::Error>) {
+        let mut t = self.taken();
+        t.closed = true;
+        (t.events, t.error.take())
+    }
+
+    /// Whether writing an event line failed, which ends the run.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
 pub async fn read_ring(
     ring: RingBuf<MapData>,
     names: Arc<IfaceNames>,
     (mode, clock): (Mode, Clock),
     stats: Arc<ReaderStats>,
+    intake: Arc<Intake>,
     tx: mpsc::Sender<Batch>,
 ) -> Result<()> {
     // SAFETY: the AsyncFd owns the ring, so its fd outlives the registration.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)? };
+    // Reused batch after batch: a fresh buffer of a few hundred KiB is
+    // fresh pages, each a page fault.
+    let mut lines = Lines::default();
     loop {
         let mut guard = fd.readable_mut().await?;
         loop {
             let ring = guard.get_inner_mut();
             let mut batch = Vec::with_capacity(64);
-            let mut lines = Lines::default();
-            while batch.len() < MAX_BATCH {
+            lines.clear();
+            let mut read = 0;
+            while read < MAX_BATCH {
                 let Some(item) = ring.next() else { break };
+                read += 1;
                 match decode::decode(&item, &names) {
+                    Ok(ev) if !(intake.keep)(&ev) => {}
                     Ok(ev) => {
                         if mode != Mode::Timeline {
                             render::write_event(&mut lines.bytes, mode, &ev, &clock)?;
@@ -88,13 +175,16 @@ pub async fn read_ring(
                     }
                 }
             }
-            let drained = batch.len() < MAX_BATCH;
-            let batch = Batch {
-                events: batch,
-                lines,
-            };
-            if !batch.events.is_empty() && tx.send(batch).await.is_err() {
-                return Ok(()); // the consumer is gone: we are shutting down
+            let drained = read < MAX_BATCH;
+            if !batch.is_empty() {
+                let n = intake.take(&lines, batch.len());
+                if n == 0 {
+                    return Ok(()); // closed: the run is ending
+                }
+                batch.truncate(n);
+                if tx.send(batch).await.is_err() {
+                    return Ok(()); // the consumer is gone: we are shutting down
+                }
             }
             if drained {
                 break;
@@ -115,6 +205,63 @@ pub const NAP: std::time::Duration = std::time::Duration::from_millis(2);
 /// the matcher is bounded in events, not only in batches.
 pub const MAX_BATCH: usize = 1024;
 
+/// Events in time order, held a while (`REORDER_NS` in main.rs) for
+/// those of other rings.
+///
+/// A ring delivers in reservation order, which is time order but for
+/// neighbours whose CPUs raced between taking the time and reserving: an
+/// event older than the newest held goes in a few places back, found from
+/// the end. One from much further back (another ring's batch) marks the
+/// held events unsorted instead, and they are sorted once, when next taken
+/// (a stable sort finds the sorted runs: about one pass; ties keep their
+/// arrival order). Sorting everything on every take was a visible share
+/// of the main thread.
+#[derive(Default)]
+pub struct Reorder {
+    held: std::collections::VecDeque<Event>,
+    unsorted: bool,
+}
+
+impl Reorder {
+    /// How far back from the end an out-of-order event is looked for.
+    const NEAR: usize = 16;
+
+    pub fn push(&mut self, ev: Event) {
+        if self.unsorted {
+            self.held.push_back(ev);
+            return;
+        }
+        let ts = ev.ts_ns();
+        let n = self.held.len();
+        let newer = (self.held.iter().rev().take(Self::NEAR))
+            .take_while(|e| e.ts_ns() > ts)
+            .count();
+        if newer == Self::NEAR && newer < n {
+            self.unsorted = true;
+            self.held.push_back(ev);
+        } else {
+            self.held.insert(n - newer, ev);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// The oldest event, if it is at or before `ts_ns`.
+    pub fn pop_older(&mut self, ts_ns: u64) -> Option<Event> {
+        if self.unsorted {
+            self.held.make_contiguous().sort_by_key(Event::ts_ns);
+            self.unsorted = false;
+        }
+        if self.held.front()?.ts_ns() <= ts_ns {
+            self.held.pop_front()
+        } else {
+            None
+        }
+    }
+}
+
 /// Forwards the eBPF programs' aya-log records to the `log` crate (RUST_LOG).
 pub async fn forward_logs(logger: crate::bpf::Logger) -> Result<()> {
     // SAFETY: the AsyncFd owns the logger, so its fd outlives the registration.
@@ -123,5 +270,117 @@ pub async fn forward_logs(logger: crate::bpf::Logger) -> Result<()> {
         let mut guard = fd.readable_mut().await?;
         guard.get_inner_mut().flush();
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Comm, Family, StateChange, TcpState};
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn ev(ts_ns: u64, pid: u32) -> Event {
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        Event::State(StateChange {
+            ts_ns,
+            skaddr: 1,
+            pid,
+            comm: Comm::from("t"),
+            family: Family::Ipv4,
+            saddr: lo,
+            sport: 1,
+            daddr: lo,
+            dport: 2,
+            oldstate: TcpState::Close,
+            newstate: TcpState::SynSent,
+            prev_state_ns: 0,
+            netns: 1,
+        })
+    }
+
+    fn pid(e: &Event) -> u32 {
+        match e {
+            Event::State(s) => s.pid,
+            Event::Segment(_) => unreachable!(),
+        }
+    }
+
+    /// (arrival order as (ts, tag)) → tags in the order they come out.
+    #[test]
+    fn reorder_puts_events_in_time_order_ties_in_arrival_order() {
+        let near = Reorder::NEAR as u64;
+        let cases: Vec<(&str, Vec<(u64, u32)>)> = vec![
+            ("in order", vec![(1, 1), (2, 2), (3, 3)]),
+            ("neighbours raced", vec![(1, 1), (3, 3), (2, 2), (4, 4)]),
+            (
+                "ties keep arrival order",
+                vec![(5, 1), (5, 2), (4, 0), (5, 3)],
+            ),
+            ("older than all, few held", vec![(7, 2), (8, 3), (6, 1)]),
+            // A second ring's batch, older than more than NEAR held events.
+            (
+                "another ring's batch",
+                (0..2 * near)
+                    .map(|t| (100 + t, (100 + t) as u32))
+                    .chain((0..near).map(|t| (10 + t, (10 + t) as u32)))
+                    .collect(),
+            ),
+        ];
+        for (name, arrivals) in cases {
+            let mut r = Reorder::default();
+            for &(ts, tag) in &arrivals {
+                r.push(ev(ts, tag));
+            }
+            let mut want = arrivals.clone();
+            want.sort_by_key(|&(ts, _)| ts); // stable: ties keep arrival order
+            let got: Vec<u32> = std::iter::from_fn(|| r.pop_older(u64::MAX))
+                .map(|e| pid(&e))
+                .collect();
+            let want: Vec<u32> = want.into_iter().map(|(_, tag)| tag).collect();
+            assert_eq!(got, want, "{name}");
+            assert!(r.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn reorder_holds_what_is_newer_than_the_cutoff() {
+        let mut r = Reorder::default();
+        for ts in [10, 30, 20, 40] {
+            r.push(ev(ts, ts as u32));
+        }
+        let got: Vec<u64> = std::iter::from_fn(|| r.pop_older(25))
+            .map(|e| e.ts_ns())
+            .collect();
+        assert_eq!(got, [10, 20]);
+        r.push(ev(26, 26)); // older than what is held: still first
+        assert_eq!(r.pop_older(u64::MAX).map(|e| e.ts_ns()), Some(26));
+        assert_eq!(r.pop_older(30).map(|e| e.ts_ns()), Some(30));
+        assert_eq!(r.pop_older(30).map(|e| e.ts_ns()), None);
+        assert!(!r.is_empty());
+    }
+
+    #[test]
+    fn lines_range_spans_whole_lines() {
+        let mut l = Lines::default();
+        for line in ["a\n", "bb\n", "ccc\n"] {
+            l.bytes.extend_from_slice(line.as_bytes());
+            l.ends.push(l.bytes.len());
+        }
+        let cases = [
+            (0, usize::MAX, "a\nbb\nccc\n"),
+            (0, 1, "a\n"),
+            (1, 2, "bb\n"),
+            (1, usize::MAX, "bb\nccc\n"),
+            (2, 2, ""),
+            (3, usize::MAX, ""),
+        ];
+        for (from, to, want) in cases {
+            assert_eq!(l.range(from, to), want.as_bytes(), "{from}..{to}");
+        }
+        assert_eq!(
+            Lines::default().range(0, usize::MAX),
+            b"",
+            "no lines (timeline mode)"
+        );
     }
 }

@@ -4,6 +4,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -171,14 +172,7 @@ fn tiny_ring_reports_lost_events() {
     ]);
     // SAFETY: stopping our own child so its ring fills up.
     unsafe { libc::kill(t.pid(), libc::SIGSTOP) };
-    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let listener = std::net::TcpListener::bind(server).unwrap();
-    for _ in 0..100 {
-        let c = std::net::TcpStream::connect(server).unwrap();
-        let (s, _) = listener.accept().unwrap();
-        drop(c);
-        drop(s);
-    }
+    open_and_close(port, 100);
     unsafe { libc::kill(t.pid(), libc::SIGCONT) };
     let events = t.stop();
     let summary = of_type(&events, "summary");
@@ -190,4 +184,43 @@ fn tiny_ring_reports_lost_events() {
         got + lost >= 100 * 9,
         "delivered {got} + lost {lost} < expected"
     );
+}
+
+/// `--count N`: tcptrace stops by itself after exactly N events; every
+/// event line it printed is counted in the summary, which is the last line.
+#[test]
+fn count_stops_after_exactly_n_events() {
+    if !need_root("count_stops_after_exactly_n_events") {
+        return;
+    }
+    let port = free_port();
+    let t = Trace::start(&[
+        "--json",
+        "--no-wire",
+        "--count",
+        "7",
+        "--port",
+        &port.to_string(),
+    ]);
+    // About 30 state changes, most in one ring batch.
+    open_and_close(port, 3);
+    let out = t.wait_exit(Duration::from_secs(10));
+    let states = of_type(&out, "state");
+    assert_eq!(states.len(), 7, "event lines: {states:?}");
+    let last = out.last().expect("some output");
+    assert_eq!(last["type"], "summary", "the summary comes last: {last}");
+    assert_eq!(last["events"], 7, "{last}");
+}
+
+/// `n` connections to a listener on 127.0.0.1:`port`, each accepted and
+/// closed at once (client first).
+fn open_and_close(port: u16, n: usize) {
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listener = std::net::TcpListener::bind(server).unwrap();
+    for _ in 0..n {
+        let c = std::net::TcpStream::connect(server).unwrap();
+        let (s, _) = listener.accept().unwrap();
+        drop(c);
+        drop(s);
+    }
 }

@@ -109,6 +109,28 @@ impl Trace {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let status = self.child.wait().unwrap();
+        self.output(status)
+    }
+
+    /// Waits (up to `limit`) for tcptrace to stop by itself (`--count`,
+    /// `--duration`), then everything it printed as JSON values.
+    pub fn wait_exit(mut self, limit: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tcptrace did not stop by itself within {limit:?}; stderr: {:?}",
+                self.stderr
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.output(status)
+    }
+
+    fn output(&mut self, status: std::process::ExitStatus) -> Vec<Value> {
         while let Ok(l) = self.stderr_lines.recv_timeout(Duration::from_millis(200)) {
             self.stderr.push(l);
         }
