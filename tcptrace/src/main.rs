@@ -407,13 +407,14 @@ async fn run_live(
     'run: loop {
         tokio::select! {
             batch = rx.recv() => {
-                let Some(batch) = batch else { break 'run };
+                let Some(mut batch) = batch else { break 'run };
                 received += batch.len() as u64;
                 if matching {
-                    for ev in batch {
+                    for ev in batch.drain(..) {
                         order.push(ev);
                     }
                 }
+                intake.recycle(batch);
                 if stop.events.is_some_and(|n| received >= n) {
                     break 'run;
                 }

@@ -71,6 +71,12 @@ pub struct Intake {
     keep: Box<dyn Fn(&Event) -> bool + Send + Sync>,
     limit: Option<u64>,
     state: Mutex<Taken>,
+    /// Emptied batches, back from the matcher for the readers to fill
+    /// again. A batch is allocated on the ring thread and emptied on the
+    /// main thread; freed there, each (~100 KiB) made glibc consolidate
+    /// the main thread's heap, and growing it batch after batch moved
+    /// every event again.
+    spare: Mutex<Vec<Batch>>,
     /// Set with `Taken::error`, for a look without the lock (which a
     /// reader holds through its write(2)).
     failed: AtomicBool,
@@ -90,6 +96,7 @@ impl Intake {
             keep,
             limit,
             state: Mutex::default(),
+            spare: Mutex::default(),
             failed: AtomicBool::new(false),
         }
     }
@@ -120,6 +127,23 @@ impl Intake {
             t.closed = true;
         }
         n
+    }
+
+    /// An empty batch with room for [`MAX_BATCH`] events.
+    fn batch(&self) -> Batch {
+        let spare = self.spare.lock().ok().and_then(|mut s| s.pop());
+        spare.unwrap_or_else(|| Vec::with_capacity(MAX_BATCH))
+    }
+
+    /// Gives a batch the matcher has taken the events from back to the
+    /// readers.
+    pub fn recycle(&self, mut batch: Batch) {
+        batch.clear();
+        if let Ok(mut s) = self.spare.lock() {
+            if s.len() < SPARE_BATCHES {
+                s.push(batch);
+            }
+        }
     }
 
     /// Stops taking events; returns how many were taken, and the write
@@ -153,7 +177,7 @@ pub async fn read_ring(
         let mut guard = fd.readable_mut().await?;
         loop {
             let ring = guard.get_inner_mut();
-            let mut batch = Vec::with_capacity(64);
+            let mut batch = intake.batch();
             lines.clear();
             let mut read = 0;
             while read < MAX_BATCH {
@@ -200,6 +224,10 @@ pub async fn read_ring(
 /// default ring takes to fill at saturation (4 MiB at ~600,000 events/s of
 /// about 100 bytes: ~70 ms).
 pub const NAP: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Emptied batches kept for reuse; more are freed. A few suffice: the
+/// matcher empties a batch as soon as it receives it.
+const SPARE_BATCHES: usize = 8;
 
 /// Events per batch: a full ring is taken in several, so that the queue to
 /// the matcher is bounded in events, not only in batches.
