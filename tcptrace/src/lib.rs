@@ -10,7 +10,8 @@
 //! - [`pcap`]: capture files → [`event::Event`] (no root needed).
 //! - [`matcher`]: events → one explained record per connection (pure; this is
 //!   where a segment becomes a timeline step).
-//! - [`render`] and [`timeline`]: lines, JSON and timelines for people and scripts.
+//! - [`render`] and [`timeline`]: lines, JSON and timelines for people and scripts;
+//!   [`output`] writes a live run's records on a thread of its own.
 pub mod bpf;
 pub mod btf;
 pub mod decode;
@@ -18,6 +19,7 @@ pub mod demo;
 pub mod event;
 pub mod matcher;
 pub mod netns;
+pub mod output;
 pub mod pcap;
 pub mod reader;
 pub mod render;

@@ -14,6 +14,7 @@ use tcptrace::bpf::{TraceConfig, Tracer};
 use tcptrace::demo;
 use tcptrace::event::Event;
 use tcptrace::matcher::{Connection, Matcher, MatcherConfig};
+use tcptrace::output::Output;
 use tcptrace::reader::{self, Batch, Intake, ReaderStats, Reorder};
 use tcptrace::render::{self, Clock, Mode};
 use tcptrace_common::{Filter, AF_INET, AF_INET6, MAX_PORTS};
@@ -377,13 +378,13 @@ async fn run_live(
     let deadline = stop.after.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut matcher = Matcher::new(MatcherConfig::default());
-    let mut out = BufWriter::with_capacity(OUT_BUFFER, std::io::stdout());
+    let mut out = Output::stdout()?;
     // Events that reached this loop; the readers count those they took.
     let mut received: u64 = 0;
     let connections = std::cell::Cell::new(0u64);
     let mut lost_reported = 0;
     let mut missed_reported = 0;
-    let mut emit = |out: &mut BufWriter<std::io::Stdout>, c: &Connection| -> std::io::Result<()> {
+    let mut emit = |out: &mut Output, c: &Connection| -> std::io::Result<()> {
         connections.set(connections.get() + 1);
         render::connection(out, mode, c)?;
         on_connection(c);
@@ -503,7 +504,7 @@ async fn run_live(
             serde_json::json!({"type": "summary", "events": events, "lost": lost, "ring_full": ring_full, "missed": missed, "undecodable": undecodable})
         )?;
     }
-    out.flush()?;
+    out.finish()?;
     eprintln!(
         "tcptrace: {events} events, {lost} lost{}{}",
         if lost > 0 {

@@ -668,8 +668,11 @@ fn storm_scenario(
     ];
     // The price of a fresh page-cache page, which every tracer's output
     // pays, before the rounds (memory has been idle) and right after them
-    // (pages of the output files just deleted are reused).
-    let write_before = page_cache_write_mb_s(&ctx.dir)?;
+    // (pages of the output files just deleted are reused); as much as the
+    // wire run writes in one run (~370 MB/s), since on a VM the first few
+    // hundred MiB can be far cheaper than the rest.
+    let write_mib = ((duration * 350.0) as u64).clamp(256, 4096);
+    let write_before = page_cache_write(&ctx.dir, write_mib)?;
     let mut runs: Vec<Run> = Vec::new();
     for round in 0..rounds {
         let order: Vec<Cfg> = if round % 2 == 0 {
@@ -698,9 +701,10 @@ fn storm_scenario(
     }
 
     let (cost_j, cost_md) = ebpf_cost(ctx, &storm_args, pc, rounds)?;
-    let write_after = page_cache_write_mb_s(&ctx.dir)?;
+    let write_after = page_cache_write(&ctx.dir, write_mib)?;
     eprintln!(
-        "bench: writing into new page-cache pages: {write_before:.0} MB/s before the rounds, {write_after:.0} MB/s after"
+        "bench: writing {write_mib} MiB into new page-cache pages: {:.0} MB/s before the rounds, {:.0} MB/s after",
+        write_before.mb_s, write_after.mb_s
     );
 
     // Per configuration.
@@ -861,8 +865,14 @@ fn storm_scenario(
         .with(
             "page_cache_write_mb_s",
             J::obj()
-                .with("before_rounds", write_before)
-                .with("after_rounds", write_after),
+                .with("mib", write_mib)
+                .with("before_rounds", write_before.mb_s)
+                .with("after_rounds", write_after.mb_s)
+                .with(
+                    "cpu_ns_per_byte_before_rounds",
+                    write_before.cpu_ns_per_byte,
+                )
+                .with("cpu_ns_per_byte_after_rounds", write_after.cpu_ns_per_byte),
         )
         .with("runs", J::A(runs.iter().map(Run::json).collect()));
     md.push_str(
@@ -876,9 +886,11 @@ fn storm_scenario(
     );
     md.push_str(&cost_md);
     md.push_str(&format!(
-        "\nwrite(2) of 256 MiB into a new file next to the outputs: {write_before:.0} MB/s before the rounds, {write_after:.0} MB/s right after them. \
-         Every tracer's output pays this per byte; on a VM whose host takes back free guest memory (free page reporting), a page that was \
-         idle costs a hypervisor fault on first touch, so the figure, and tracer sys time with it, moves between runs.\n"
+        "\nwrite(2) of {write_mib} MiB (about one wire run's output) into a new file next to the outputs: {:.0} MB/s ({:.2} ns of CPU per byte) \
+         before the rounds, {:.0} MB/s ({:.2} ns per byte) right after them. Every tracer's output pays this per byte (at 780 bytes per event, \
+         1 ns per byte is 0.78 µs per event); on a VM whose host takes back free guest memory (free page reporting), a page that was \
+         idle costs a hypervisor fault on first touch, so the figure, and tracer sys time with it, moves between runs and with the amount written.\n",
+        write_before.mb_s, write_before.cpu_ns_per_byte, write_after.mb_s, write_after.cpu_ns_per_byte
     ));
     Ok((j, md, targets))
 }
@@ -932,21 +944,42 @@ fn ebpf_cost(ctx: &Ctx, storm_args: &[String], pc: PerConn, round: usize) -> Res
     ))
 }
 
-/// MB/s of write(2) into a new file in `dir` (256 MiB, 256 KiB at a time).
-fn page_cache_write_mb_s(dir: &Path) -> Result<f64> {
+/// How fast write(2) fills new page-cache pages.
+struct PageCacheWrite {
+    mb_s: f64,
+    /// This thread's CPU (user+sys) per byte written.
+    cpu_ns_per_byte: f64,
+}
+
+/// Writes `mib` MiB into a new file in `dir`, 256 KiB at a time, and
+/// deletes it.
+fn page_cache_write(dir: &Path, mib: u64) -> Result<PageCacheWrite> {
     use std::io::Write;
     let path = dir.join("page-cache-calibration.tmp");
     let chunk = vec![b'x'; 256 << 10];
     let mut f =
         std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    let t = std::time::Instant::now();
-    for _ in 0..1024 {
+    let (t, cpu) = (std::time::Instant::now(), thread_cpu_ns());
+    for _ in 0..mib * 4 {
         f.write_all(&chunk)?;
     }
-    let secs = t.elapsed().as_secs_f64();
+    let (secs, cpu) = (t.elapsed().as_secs_f64(), thread_cpu_ns() - cpu);
     drop(f);
     std::fs::remove_file(&path)?;
-    Ok(256.0 * 1.048_576 / secs)
+    let bytes = (mib << 20) as f64;
+    Ok(PageCacheWrite {
+        mb_s: bytes / 1e6 / secs,
+        cpu_ns_per_byte: cpu as f64 / bytes,
+    })
+}
+
+/// This thread's user+sys CPU time so far.
+fn thread_cpu_ns() -> u64 {
+    // SAFETY: getrusage with a valid out pointer.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// `YYYYmmddTHHMMSSZ` (UTC) without a date crate.
