@@ -200,7 +200,9 @@ pub async fn read_ring(
                 }
             }
             let drained = read < MAX_BATCH;
-            if !batch.is_empty() {
+            if batch.is_empty() {
+                intake.recycle(batch); // all filtered out (or undecodable)
+            } else {
                 let n = intake.take(&lines, batch.len());
                 if n == 0 {
                     return Ok(()); // closed: the run is ending
