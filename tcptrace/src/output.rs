@@ -63,29 +63,27 @@ impl Output {
         match sent {
             Some(Ok(())) => Ok(()),
             // The writer stopped: its error says why.
-            _ => Err(self.stop()),
+            _ => Err(self
+                .close()
+                .err()
+                .unwrap_or_else(|| io::Error::other("output closed"))),
         }
     }
 
-    /// Ends the writer and returns its error (or one saying it is gone).
-    fn stop(&mut self) -> io::Error {
+    /// Ends the writer and waits for it; its error, if it had one.
+    fn close(&mut self) -> io::Result<()> {
         drop(self.tx.take());
         match self.writer.take().map(JoinHandle::join) {
-            Some(Ok(Err(e))) => e,
-            Some(Err(_)) => io::Error::other("the output thread panicked"),
-            _ => io::Error::other("output already closed"),
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(io::Error::other("the output thread panicked")),
         }
     }
 
     /// Writes out everything and waits until it is written.
     pub fn finish(mut self) -> io::Result<()> {
         self.hand_over()?;
-        drop(self.tx.take());
-        match self.writer.take().map(JoinHandle::join) {
-            Some(Ok(res)) => res,
-            Some(Err(_)) => Err(io::Error::other("the output thread panicked")),
-            None => Ok(()),
-        }
+        self.close()
     }
 }
 
@@ -111,10 +109,7 @@ impl Drop for Output {
     fn drop(&mut self) {
         if self.writer.is_some() {
             let _ = self.hand_over();
-            drop(self.tx.take());
-            if let Some(w) = self.writer.take() {
-                let _ = w.join();
-            }
+            let _ = self.close();
         }
     }
 }

@@ -40,14 +40,14 @@ impl Lines {
         self.ends.clear();
     }
 
-    /// The lines of events `from..to` (`to` past the last: through the
-    /// last), back to back; empty in modes that print no line per event.
-    fn range(&self, from: usize, to: usize) -> &[u8] {
-        let start = |i: usize| match i.checked_sub(1) {
+    /// The lines of the first `n` events (all of them if there are fewer),
+    /// back to back; empty in modes that print no line per event.
+    fn first(&self, n: usize) -> &[u8] {
+        let end = match n.checked_sub(1) {
             None => 0,
-            Some(i) => self.ends.get(i).copied().unwrap_or(self.bytes.len()),
+            Some(last) => self.ends.get(last).copied().unwrap_or(self.bytes.len()),
         };
-        &self.bytes[start(from)..start(to)]
+        &self.bytes[..end]
     }
 }
 
@@ -116,7 +116,7 @@ impl Intake {
         }
         let room = self.limit.map_or(u64::MAX, |l| l.saturating_sub(t.events));
         let n = n.min(usize::try_from(room).unwrap_or(usize::MAX));
-        if let Err(e) = std::io::stdout().write_all(lines.range(0, n)) {
+        if let Err(e) = std::io::stdout().write_all(lines.first(n)) {
             t.error = Some(e);
             t.closed = true;
             self.failed.store(true, Ordering::Relaxed);
@@ -390,25 +390,24 @@ mod tests {
     }
 
     #[test]
-    fn lines_range_spans_whole_lines() {
+    fn lines_first_spans_whole_lines() {
         let mut l = Lines::default();
         for line in ["a\n", "bb\n", "ccc\n"] {
             l.bytes.extend_from_slice(line.as_bytes());
             l.ends.push(l.bytes.len());
         }
         let cases = [
-            (0, usize::MAX, "a\nbb\nccc\n"),
-            (0, 1, "a\n"),
-            (1, 2, "bb\n"),
-            (1, usize::MAX, "bb\nccc\n"),
-            (2, 2, ""),
-            (3, usize::MAX, ""),
+            (0, ""),
+            (1, "a\n"),
+            (2, "a\nbb\n"),
+            (3, "a\nbb\nccc\n"),
+            (usize::MAX, "a\nbb\nccc\n"),
         ];
-        for (from, to, want) in cases {
-            assert_eq!(l.range(from, to), want.as_bytes(), "{from}..{to}");
+        for (n, want) in cases {
+            assert_eq!(l.first(n), want.as_bytes(), "first {n}");
         }
         assert_eq!(
-            Lines::default().range(0, usize::MAX),
+            Lines::default().first(usize::MAX),
             b"",
             "no lines (timeline mode)"
         );

@@ -959,27 +959,18 @@ fn page_cache_write(dir: &Path, mib: u64) -> Result<PageCacheWrite> {
     let chunk = vec![b'x'; 256 << 10];
     let mut f =
         std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    let (t, cpu) = (std::time::Instant::now(), thread_cpu_ns());
+    let (t, cpu) = (std::time::Instant::now(), proc::thread_cpu_s());
     for _ in 0..mib * 4 {
         f.write_all(&chunk)?;
     }
-    let (secs, cpu) = (t.elapsed().as_secs_f64(), thread_cpu_ns() - cpu);
+    let (secs, cpu_s) = (t.elapsed().as_secs_f64(), proc::thread_cpu_s() - cpu);
     drop(f);
     std::fs::remove_file(&path)?;
     let bytes = (mib << 20) as f64;
     Ok(PageCacheWrite {
         mb_s: bytes / 1e6 / secs,
-        cpu_ns_per_byte: cpu as f64 / bytes,
+        cpu_ns_per_byte: cpu_s * 1e9 / bytes,
     })
-}
-
-/// This thread's user+sys CPU time so far.
-fn thread_cpu_ns() -> u64 {
-    // SAFETY: getrusage with a valid out pointer.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
-    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// `YYYYmmddTHHMMSSZ` (UTC) without a date crate.

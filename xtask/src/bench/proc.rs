@@ -98,8 +98,7 @@ pub struct Usage {
 impl Usage {
     /// From wait4(2)'s status and rusage.
     fn of(status: i32, ru: &libc::rusage) -> Usage {
-        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        let (user_s, sys_s) = (tv(ru.ru_utime), tv(ru.ru_stime));
+        let (user_s, sys_s) = times_s(ru);
         Usage {
             cpu_s: user_s + sys_s,
             user_s,
@@ -108,6 +107,21 @@ impl Usage {
             exit_ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         }
     }
+}
+
+/// An rusage's user and sys time, in seconds.
+fn times_s(ru: &libc::rusage) -> (f64, f64) {
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (tv(ru.ru_utime), tv(ru.ru_stime))
+}
+
+/// The calling thread's user+sys CPU time so far, in seconds.
+pub fn thread_cpu_s() -> f64 {
+    // SAFETY: getrusage with a valid out pointer.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    let (user, sys) = times_s(&ru);
+    user + sys
 }
 
 /// Runs `bin ARGS` to its end, stdout and stderr into files, and returns its
