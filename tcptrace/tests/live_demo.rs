@@ -114,7 +114,12 @@ fn demo_json_five_rounds() {
     }
     let (lines, stderr, took) = run_demo(&["--rounds", &ROUNDS.to_string()]);
     eprintln!("tcptrace demo --json --rounds {ROUNDS} took {took:?}");
-    assert!(took < Duration::from_secs(10), "the demo took {took:?}");
+    // The demo's promise (#6) is under 10 s on a real machine. Inside the
+    // test VMs every instruction is emulated (TCG) and the verifier alone
+    // takes seconds, so there the time says nothing about tcptrace.
+    if std::env::var_os("TCPTRACE_IN_VM").is_none() {
+        assert!(took < Duration::from_secs(10), "the demo took {took:?}");
+    }
     let conns = common::of_type(&lines, "connection");
     assert_eq!(
         conns.len(),
