@@ -65,6 +65,17 @@ fn check(
             assert_eq!(e["netns"].as_u64(), Some(ns), "netns of {e}");
         }
         assert!(e["ts_ns"].as_u64().unwrap() > 0);
+        // The ports hold to the end: the kernel has already released the
+        // socket's local port (skc_num = 0) when its CLOSE is traced, and
+        // the port reported is the one it had, as the tracepoint's own
+        // record says. Only connect()'s first step comes before the port.
+        let ports = (e["sport"].as_u64(), e["dport"].as_u64());
+        let (cport, sport) = (u64::from(ex.client_port), u64::from(server_port));
+        if sk == client && e["newstate"] != "SYN_SENT" {
+            assert_eq!(ports, (Some(cport), Some(sport)), "ports of {e}");
+        } else if sk == child {
+            assert_eq!(ports, (Some(sport), Some(cport)), "ports of {e}");
+        }
     }
     let connect = states
         .iter()
