@@ -5,7 +5,7 @@ use std::fmt;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use crate::event::{Dir, Event, Family, Segment, StateChange, TcpOptions};
+use crate::event::{Comm, Dir, Event, Family, Segment, StateChange, TcpOptions};
 use crate::matcher::{Anomaly, Connection, Observation, SocketStates, Step, TimeWait, Views};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -302,6 +302,15 @@ impl Json<'_> {
         self.json_str(v);
     }
 
+    /// `,"comm":"…"`, escaped only when the name needs it.
+    #[inline(always)]
+    fn comm(&mut self, comm: &Comm) {
+        match comm.json_plain() {
+            Some(plain) => self.name(key!("comm"), plain),
+            None => self.str(key!("comm"), &comm.as_str()),
+        }
+    }
+
     /// A fixed name that needs no escaping: an enum variant, a TCP state,
     /// tcpdump's flag letters.
     #[inline(always)]
@@ -319,10 +328,14 @@ impl Json<'_> {
         self.raw(key);
         self.fill::<20>(|d| {
             let n = (v.checked_ilog2().unwrap_or(0) / 4 + 1) as usize;
-            d[..3].copy_from_slice(b"\"0x");
-            for (i, digit) in d[3..3 + n].iter_mut().rev().enumerate() {
-                *digit = b"0123456789abcdef"[((v >> (4 * i)) & 0xf) as usize];
+            // All 16 digits, unrolled (a kernel address has 16), then the
+            // leading zeros skipped.
+            let mut all = [0u8; 16];
+            for (i, digit) in all.iter_mut().enumerate() {
+                *digit = b"0123456789abcdef"[((v >> (60 - 4 * i)) & 0xf) as usize];
             }
+            d[..3].copy_from_slice(b"\"0x");
+            d[3..3 + n].copy_from_slice(&all[16 - n..]);
             d[3 + n] = b'"';
             n + 4
         });
@@ -420,7 +433,7 @@ impl Json<'_> {
         self.int(key!("ts_ns"), s.ts_ns);
         self.hex(key!("skaddr"), s.skaddr);
         self.int(key!("pid"), s.pid);
-        self.str(key!("comm"), &s.comm.as_str());
+        self.comm(&s.comm);
         self.endpoints(s.family, s.saddr, s.sport, s.daddr, s.dport);
         self.name(key!("oldstate"), s.oldstate.name());
         self.name(key!("newstate"), s.newstate.name());
@@ -579,7 +592,7 @@ impl Json<'_> {
         self.some(key!("in_state_ns"), st.in_state_ns);
         self.some(key!("pid"), st.pid);
         if let Some(comm) = &st.comm {
-            self.str(key!("comm"), &comm.as_str());
+            self.comm(comm);
         }
         self.some(key!("netns"), st.netns);
         self.some(key!("matched_step"), st.matched_step.map(|i| i as u64));
@@ -621,7 +634,7 @@ impl Json<'_> {
         self.hex(key!({ "skaddr" }), s.skaddr);
         self.name(key!("side"), s.side.name());
         self.int(key!("pid"), s.pid);
-        self.str(key!("comm"), &s.comm.as_str());
+        self.comm(&s.comm);
         self.int(key!("netns"), s.netns);
         self.list(key!("states"), &s.states, |j, span| {
             j.name(key!({ "state" }), span.state.name());
@@ -763,9 +776,13 @@ mod tests {
             unreachable!()
         };
         let mut cases = vec![Event::State(state.clone()), Event::Segment(segment.clone())];
-        for comm in ["a\"b\\c\n\u{1}", "é→", ""] {
+        // Each kind of name: to escape, multibyte, empty, a DEL, not UTF-8
+        // (the kernel's bytes, replaced as serde's lossy path does), 16 bytes.
+        let comms = ["a\"b\\c\n\u{1}", "é→", "", "a\u{7f}"].map(Comm::from);
+        let raw = [&b"ab\xffc"[..], b"0123456789abcdefXYZ"].map(Comm::from_kernel);
+        for comm in comms.into_iter().chain(raw) {
             cases.push(Event::State(StateChange {
-                comm: comm.into(),
+                comm,
                 saddr: "127.0.0.1".parse().expect("literal"),
                 daddr: "0.0.0.0".parse().expect("literal"),
                 oldstate: TcpState::Unknown(77),
