@@ -312,6 +312,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if tracing && unsafe { libc::geteuid() } != 0 {
         bail!("the bench loads eBPF programs: run it as root (or only --userspace)");
     }
+    if tracing && !a.no_tcpstates && find_tcpstates().is_none() {
+        // The tracer users would otherwise run, measured side by side.
+        eprintln!("bench: installing libbpf-tools (tcpstates, the comparison tracer)");
+        if let Err(e) = crate::bootstrap::apt_install(&["libbpf-tools"]) {
+            eprintln!("bench: cannot install libbpf-tools ({e:#})");
+        }
+    }
     let bins = build()?;
     if bins.tcpstates.is_none() && !a.no_tcpstates {
         eprintln!("bench: tcpstates (Debian package libbpf-tools) not found; comparing without it");
@@ -435,21 +442,25 @@ fn build() -> Result<Bins> {
     c.args(["build", "--release", "-p", "xtask", "--bin", "tcpstorm"]);
     crate::status(c)?;
     let rel = crate::target_dir().join("release");
-    let tcpstates = [
+    Ok(Bins {
+        tcptrace: rel.join("tcptrace"),
+        tcpstorm: rel.join("tcpstorm"),
+        tcpstates: find_tcpstates(),
+        storm_capture: rel.join("examples/storm_capture"),
+        storm_events: rel.join("examples/storm_events"),
+    })
+}
+
+/// libbpf-tools' tcpstates (or bcc's), where Debian puts it.
+fn find_tcpstates() -> Option<PathBuf> {
+    [
         "/usr/sbin/tcpstates",
         "/usr/bin/tcpstates",
         "/usr/sbin/tcpstates-bpfcc",
     ]
     .iter()
     .map(PathBuf::from)
-    .find(|p| p.exists());
-    Ok(Bins {
-        tcptrace: rel.join("tcptrace"),
-        tcpstorm: rel.join("tcpstorm"),
-        tcpstates,
-        storm_capture: rel.join("examples/storm_capture"),
-        storm_events: rel.join("examples/storm_events"),
-    })
+    .find(|p| p.exists())
 }
 
 fn num_cpus() -> usize {
