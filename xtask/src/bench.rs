@@ -736,15 +736,22 @@ fn storm_scenario(
     for &cfg in cfgs {
         let rs: Vec<&Run> = runs.iter().filter(|r| r.cfg == cfg).collect();
         let cps = median(rs.iter().map(|r| r.conn_per_s).collect());
-        let ratio = median(
-            rs.iter()
-                .filter_map(|r| base_of(r.round).map(|b| r.conn_per_s / b))
-                .collect(),
-        );
+        let ratios: Vec<f64> = rs
+            .iter()
+            .filter_map(|r| base_of(r.round).map(|b| r.conn_per_s / b))
+            .collect();
+        // The spread says how far one round's ratio can be trusted: on a
+        // shared VM the no-tracer runs alone move by a fifth.
+        let (lo, hi) = ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        let ratio = median(ratios);
         let mut s = J::obj()
             .with("label", cfg.label())
             .with("conn_per_s", cps)
-            .with("ratio_to_none", ratio);
+            .with("ratio_to_none", ratio)
+            .with("ratio_min", lo)
+            .with("ratio_max", hi);
         if cfg.kind().is_none() {
             md.push_str(&format!(
                 "| {} | {cps:.0} | 1.00 | – | – | – | – | – | – | – | – | – | – | – |\n",
@@ -795,7 +802,7 @@ fn storm_scenario(
         );
         let drain = median(rs.iter().filter_map(|r| r.drain_s).collect());
         md.push_str(&format!(
-            "| {} | {cps:.0} | {ratio:.3} | {expected} | {delivered} | {lost} | {missed} | {unaccounted} | {ms_per_k:.3} | {sys_ms_per_k:.3} | {bytes_per_event:.0} | {core_pct:.0} | {rss_mib:.1} | {drain:.2} |\n",
+            "| {} | {cps:.0} | {ratio:.3} ({lo:.2}–{hi:.2}) | {expected} | {delivered} | {lost} | {missed} | {unaccounted} | {ms_per_k:.3} | {sys_ms_per_k:.3} | {bytes_per_event:.0} | {core_pct:.0} | {rss_mib:.1} | {drain:.2} |\n",
             cfg.label()
         ));
         s.set("events_expected", expected);
@@ -887,7 +894,7 @@ fn storm_scenario(
         )
         .with("runs", J::A(runs.iter().map(Run::json).collect()));
     md.push_str(
-        "\n\"vs no tracer\" is the median of per-round ratios (each run against the no-tracer run of its round). \
+        "\n\"vs no tracer\" is the median of per-round ratios (each run against the no-tracer run of its round), the lowest and highest round in brackets. \
          \"skipped by kernel\": runs of the tracer's BPF programs the kernel skipped because another BPF program was running on that CPU \
          (recursion_misses in the programs' fdinfo; tcptrace reports them in its summary as `missed`, tcpstates does not). \
          \"lost (reported)\" is the ring-full count; \"unaccounted\" = expected − delivered − reported lost − skipped. Tracer CPU is user+sys from wait4(2); \
