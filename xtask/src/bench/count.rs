@@ -23,6 +23,61 @@ pub struct Output {
     pub records: BTreeMap<String, u64>,
     /// "OLD->NEW" state transitions, when asked for.
     pub transitions: BTreeMap<String, u64>,
+    /// Each socket's state changes, followed in order (see [`Chains`]).
+    pub chains: Chains,
+}
+
+/// Where the missing state changes are. A socket's state changes form a
+/// chain (each starts where the last ended, CLOSE ends it), so a change
+/// that never arrived shows as a break in the middle of a chain or as a
+/// chain cut short at the end of the run.
+#[derive(Default)]
+pub struct Chains {
+    /// State changes whose old state is not the socket's last new state.
+    pub breaks: u64,
+    /// Sockets whose last state change seen did not end in CLOSE, by the
+    /// state they were left in.
+    pub unfinished: BTreeMap<String, u64>,
+    /// Each socket's state so far (gone at CLOSE).
+    open: std::collections::HashMap<String, String>,
+}
+
+impl Chains {
+    fn add(&mut self, skaddr: &str, old: &str, new: &str) {
+        let last = if new == "CLOSE" {
+            self.open.remove(skaddr)
+        } else {
+            self.open.insert(skaddr.to_string(), new.to_string())
+        };
+        // A socket's first change starts from CLOSE, or from LISTEN (a
+        // passively opened child, named by its listener's state).
+        let from = last
+            .as_deref()
+            .unwrap_or(if old == "LISTEN" { "LISTEN" } else { "CLOSE" });
+        if from != old {
+            self.breaks += 1;
+        }
+    }
+
+    fn finish(&mut self) {
+        for state in std::mem::take(&mut self.open).into_values() {
+            *self.unfinished.entry(state).or_default() += 1;
+        }
+    }
+
+    /// `"3 FIN_WAIT1"`, or `"none"`.
+    pub fn unfinished_line(&self) -> String {
+        let v: Vec<String> = self
+            .unfinished
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect();
+        if v.is_empty() {
+            "none".into()
+        } else {
+            v.join(", ")
+        }
+    }
 }
 
 impl Output {
@@ -42,6 +97,13 @@ pub fn tcptrace(path: &Path, transitions: bool) -> Result<Output> {
     } {
         if line.starts_with("{\"type\":\"state\"") {
             o.states += 1;
+            if let (Some(sk), Some(old), Some(new)) = (
+                json::field_str(&line, "skaddr"),
+                json::field_str(&line, "oldstate"),
+                json::field_str(&line, "newstate"),
+            ) {
+                o.chains.add(sk, old, new);
+            }
             if transitions {
                 let k = format!(
                     "{}->{}",
@@ -66,6 +128,7 @@ pub fn tcptrace(path: &Path, transitions: bool) -> Result<Output> {
             o.undecodable = json::field_u64(&line, "undecodable");
         }
     }
+    o.chains.finish();
     Ok(o)
 }
 
@@ -106,4 +169,82 @@ pub fn tcpstates(path: &Path, err: &Path, port: u16, transitions: bool) -> Resul
     }
     o.lost = Some(lost);
     Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (skaddr, old state, new state), in arrival order.
+    type Change = (&'static str, &'static str, &'static str);
+
+    /// (name, changes) → (breaks, unfinished).
+    #[test]
+    fn chains_find_breaks_and_cut_short_sockets() {
+        let cases: Vec<(&str, Vec<Change>, u64, &str)> = vec![
+            (
+                "client and child, whole",
+                vec![
+                    ("1", "CLOSE", "SYN_SENT"),
+                    ("2", "LISTEN", "SYN_RECV"),
+                    ("1", "SYN_SENT", "ESTABLISHED"),
+                    ("2", "SYN_RECV", "ESTABLISHED"),
+                    ("1", "ESTABLISHED", "CLOSE"),
+                    ("2", "ESTABLISHED", "CLOSE"),
+                ],
+                0,
+                "none",
+            ),
+            (
+                "one missing in the middle",
+                vec![
+                    ("1", "CLOSE", "SYN_SENT"),
+                    ("1", "ESTABLISHED", "FIN_WAIT1"),
+                    ("1", "FIN_WAIT1", "CLOSE"),
+                ],
+                1,
+                "none",
+            ),
+            (
+                "a first change that is not a start",
+                vec![
+                    ("1", "ESTABLISHED", "FIN_WAIT1"),
+                    ("1", "FIN_WAIT1", "CLOSE"),
+                ],
+                1,
+                "none",
+            ),
+            (
+                "the tail missing",
+                vec![
+                    ("1", "CLOSE", "SYN_SENT"),
+                    ("1", "SYN_SENT", "ESTABLISHED"),
+                    ("1", "ESTABLISHED", "FIN_WAIT1"),
+                    ("3", "CLOSE", "LISTEN"),
+                ],
+                0,
+                "1 FIN_WAIT1, 1 LISTEN",
+            ),
+            (
+                "an address reused after CLOSE",
+                vec![
+                    ("1", "CLOSE", "SYN_SENT"),
+                    ("1", "SYN_SENT", "CLOSE"),
+                    ("1", "LISTEN", "SYN_RECV"),
+                    ("1", "SYN_RECV", "CLOSE"),
+                ],
+                0,
+                "none",
+            ),
+        ];
+        for (name, evs, breaks, unfinished) in cases {
+            let mut c = Chains::default();
+            for (sk, old, new) in evs {
+                c.add(sk, old, new);
+            }
+            c.finish();
+            assert_eq!(c.breaks, breaks, "{name}");
+            assert_eq!(c.unfinished_line(), unfinished, "{name}");
+        }
+    }
 }

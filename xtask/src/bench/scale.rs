@@ -205,6 +205,7 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
          | events lost (reported) | {lost} |\n\
          | events skipped by the kernel (BPF recursion_misses of all its programs; tcptrace reports the state tracepoint's as `missed`) | {missed} |\n\
          | unaccounted | {unaccounted} |\n\
+         | where state changes are missing: breaks inside a socket's chain / sockets whose last change seen is not CLOSE | {} / {} |\n\
          | tracer CPU (user+sys) | {:.2} s |\n\
          | catch-up after open / close | {:.2} s / {:.2} s |\n\
          | connection records by end reason | {} |\n\
@@ -223,6 +224,8 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
         per_conn_peak,
         pc.states,
         pc.segments,
+        r.out.chains.breaks,
+        r.out.chains.unfinished_line(),
         r.usage.cpu_s,
         r.opened.catch_up_s,
         r.closed.catch_up_s,
@@ -285,6 +288,8 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
         .with("events_lost_reported", lost)
         .with("events_skipped_by_kernel", missed)
         .with("events_unaccounted", unaccounted)
+        .with("state_chain_breaks", r.out.chains.breaks)
+        .with("sockets_unfinished", r.out.chains.unfinished_line())
         .with("states_per_conn", pc.states)
         .with("segments_per_conn", pc.segments)
         .with("cpu_user_s", r.usage.user_s)
