@@ -911,6 +911,15 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
     }
     if both_views {
         let traced = |side: Side| socks.iter().any(|s| s.side == side);
+        // A socket already CLOSE when a segment arrives cannot be moved by
+        // it: after FIN_WAIT2 → CLOSE the kernel hands the connection to a
+        // timewait socket, which takes the peer's late FIN untraced.
+        let gone_before = |side: Side, ts: u64| {
+            socks.iter().any(|s| {
+                s.side == side
+                    && (s.changes.iter()).any(|c| c.newstate == TcpState::Close && c.ts_ns < ts)
+            })
+        };
         for (wi, w) in wires.iter().enumerate() {
             // (sides whose socket this segment must move, the role it plays)
             let (sides, pred): (&[Side], Pred) = match w.class {
@@ -928,7 +937,10 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 _ => (&[], Pred::Rst),
             };
             for &side in sides {
-                if traced(side) && !explained.contains_key(&(wi, side, pred)) {
+                if traced(side)
+                    && !explained.contains_key(&(wi, side, pred))
+                    && !gone_before(side, w.ts)
+                {
                     // An RST is explained by either end's transition.
                     if w.class == Class::Rst
                         && (explained.contains_key(&(wi, Side::Client, pred))

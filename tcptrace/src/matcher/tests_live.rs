@@ -184,7 +184,7 @@ fn live_two_vantage_points_merge_into_one_wire_step() {
         assert_eq!(st.observations[1].ts_ns - st.observations[0].ts_ns, HOP_NS);
     }
     assert_eq!(c.open, Open::Active);
-    assert_eq!(c.close, Close::FourSegment);
+    assert_eq!(c.close, super::Close::FourSegment);
     assert_eq!(c.closed_by, Some(Side::Client));
     assert_eq!((c.bytes_client, c.bytes_server), (Some(100), Some(0)));
     // SYN out at 10 µs, SYN-ACK in at 70 µs, both on the client's veth.
@@ -370,6 +370,50 @@ fn live_state_without_segment_and_segment_without_state() {
     );
 }
 
+/// The client closes first and its socket, orphaned, is handed to a
+/// timewait socket as soon as its FIN is ACKed (FIN_WAIT2 → CLOSE, as
+/// Linux does when tcp_fin_timeout is not longer than TIME_WAIT); the
+/// server closes 1.5 s later. Its FIN lands on the timewait socket, which
+/// changes no traced state: nothing is missing.
+#[test]
+fn live_late_fin_lands_on_the_timewait_socket() {
+    use TcpState::*;
+    let (a, f) = (F::ACK, F::FIN);
+    let mut ev: Vec<Event> = full_conversation()
+        .into_iter()
+        .take_while(|e| e.ts_ns() < us(995))
+        .collect();
+    ev.push(state(995, true, Established, FinWait1, 0));
+    ev.extend(seg(1000, true, f | a, 1101, 5001, 0));
+    ev.push(state(1021, false, Established, CloseWait, 0));
+    ev.extend(seg(1030, false, a, 5001, 1102, 0));
+    ev.push(state(1051, true, FinWait1, FinWait2, 0));
+    ev.push(state(1052, true, FinWait2, Close, 0));
+    ev.push(state(1_501_100, false, CloseWait, LastAck, 0));
+    ev.extend(seg(1_501_101, false, f | a, 5001, 1102, 0));
+    ev.extend(seg(1_501_123, true, a, 1102, 5002, 0));
+    ev.push(state(1_501_144, false, LastAck, Close, 0));
+    let (conns, _) = run(&ev);
+    assert_eq!(conns.len(), 1, "{conns:#?}");
+    let c = &conns[0];
+    assert!(c.anomalies.is_empty(), "{}", timeline::to_string(c));
+    assert_eq!(c.close, super::Close::FourSegment);
+    assert_eq!(c.closed_by, Some(Side::Client));
+    assert_eq!(c.time_wait.as_ref().map(|t| t.side), Some(Side::Client));
+
+    // The same FIN before the client's socket is gone must move it.
+    let early: Vec<Event> = ev
+        .iter()
+        .filter(|e| !matches!(e, Event::State(s) if s.newstate == Close && s.skaddr == SK_C))
+        .cloned()
+        .collect();
+    let c = &run(&early).0[0];
+    let a = c
+        .anomaly(AnomalyKind::SegmentWithoutState)
+        .unwrap_or_else(|| panic!("{:#?}", c.anomalies));
+    assert_eq!(a.side, Some(Side::Client));
+}
+
 #[test]
 fn live_kernel_only_and_wire_only_views_do_not_cross_check() {
     let kernel: Vec<Event> = full_conversation()
@@ -378,7 +422,7 @@ fn live_kernel_only_and_wire_only_views_do_not_cross_check() {
         .collect();
     let c = &run(&kernel).0[0];
     assert!(c.anomalies.is_empty(), "{:#?}", c.anomalies);
-    assert_eq!(c.close, Close::FourSegment);
+    assert_eq!(c.close, super::Close::FourSegment);
     assert_eq!(c.closed_by, Some(Side::Client));
     assert_eq!(c.handshake_rtt_ns, Some(72_000), "SYN_SENT time as RTT");
     assert_eq!((c.bytes_client, c.bytes_server), (None, None));
@@ -392,7 +436,7 @@ fn live_kernel_only_and_wire_only_views_do_not_cross_check() {
     let c = &run(&server_only).0[0];
     assert_eq!(c.open, Open::Passive);
     assert_eq!(c.client.to_string(), "10.1.0.1:40000");
-    assert_eq!(c.close, Close::FourSegment);
+    assert_eq!(c.close, super::Close::FourSegment);
     assert_eq!(c.closed_by, Some(Side::Client));
 }
 
