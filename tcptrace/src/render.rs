@@ -1,5 +1,6 @@
 //! Stage 5: what people and scripts read. One line per event (text or JSON
 //! Lines), connection summaries and timelines (see [`crate::timeline`]).
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::fmt;
 use std::io::{self, Write};
@@ -164,6 +165,49 @@ thread_local! {
     static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+thread_local! {
+    /// Which fixed texts need no escaping; see [`Json::text`].
+    static PLAIN: RefCell<PlainTexts> = RefCell::new(PlainTexts::default());
+}
+
+/// A direct-mapped memo of `'static` texts known to need no JSON escaping,
+/// keyed by address and length (a `'static` str never changes). A miss
+/// scans and remembers; two texts sharing a slot only cost rescans.
+struct PlainTexts {
+    slots: [(usize, usize); 256],
+}
+
+impl Default for PlainTexts {
+    fn default() -> Self {
+        PlainTexts {
+            slots: [(0, 0); 256],
+        }
+    }
+}
+
+impl PlainTexts {
+    fn plain(&mut self, t: &'static str) -> bool {
+        let id = (t.as_ptr() as usize, t.len());
+        // Texts sit at least a few bytes apart: the low bits vary.
+        let slot = &mut self.slots[(id.0 ^ id.0 >> 8) & 0xff];
+        if *slot == id {
+            return true;
+        }
+        let plain = !needs_escape(t);
+        if plain {
+            *slot = id;
+        }
+        plain
+    }
+}
+
+/// Whether a JSON string needs escaping (serde_json's rule: controls, `"`
+/// and `\`). Without an early exit the check vectorises.
+fn needs_escape(s: &str) -> bool {
+    s.bytes()
+        .fold(false, |e, c| e | (c < 0x20) | (c == b'"') | (c == b'\\'))
+}
+
 /// A line assembled by `build`, then written out in one go.
 fn with_line<W: Write + ?Sized>(out: &mut W, build: impl FnOnce(&mut Json<'_>)) -> io::Result<()> {
     LINE.with_borrow_mut(|buf| {
@@ -311,6 +355,19 @@ impl Json<'_> {
         }
     }
 
+    /// A step's text: fixed (borrowed, `'static`) texts are scanned for
+    /// characters to escape once per thread and remembered by address,
+    /// since every connection repeats the same names and explanations;
+    /// composed ones (owned) are scanned each time.
+    #[inline(always)]
+    #[allow(clippy::ptr_arg)] // the variant is what matters: borrowed is 'static
+    fn text(&mut self, key: &[u8], v: &Cow<'static, str>) {
+        match v {
+            Cow::Borrowed(t) if PLAIN.with(|p| p.borrow_mut().plain(t)) => self.name(key, t),
+            _ => self.str(key, v),
+        }
+    }
+
     /// A fixed name that needs no escaping: an enum variant, a TCP state,
     /// tcpdump's flag letters.
     #[inline(always)]
@@ -400,12 +457,8 @@ impl Json<'_> {
 
     /// A JSON string; serde_json's escaping only when a byte needs it.
     fn json_str(&mut self, s: &str) {
-        // Without an early exit the check vectorises: most strings (step
-        // names, rules, explanations, comms) need no escaping.
-        let escape = s
-            .bytes()
-            .fold(false, |e, c| e | (c < 0x20) | (c == b'"') | (c == b'\\'));
-        if escape {
+        // Most strings (step names, rules, explanations) need none.
+        if needs_escape(s) {
             serde_json::to_writer(&mut *self.buf, s).expect("writing to a Vec");
         } else {
             self.raw(b"\"");
@@ -551,11 +604,11 @@ impl Json<'_> {
         self.int(key!({ "ts_ns" }), st.ts_ns);
         self.int(key!("rel_ns"), st.rel_ns);
         self.name(key!("kind"), st.kind.name());
-        self.str(key!("name"), &st.name);
+        self.text(key!("name"), &st.name);
         if let Some(rule) = &st.rule {
-            self.str(key!("rule"), rule);
+            self.text(key!("rule"), rule);
         }
-        self.str(key!("explain"), &st.explain);
+        self.text(key!("explain"), &st.explain);
         if let Some(from) = st.from {
             self.name(key!("from"), from.name());
         }
@@ -649,7 +702,7 @@ impl Json<'_> {
         self.name(key!({ "side" }), tw.side.name());
         self.int(key!("since_ts_ns"), tw.since_ts_ns);
         self.int(key!("rel_ns"), tw.rel_ns);
-        self.str(key!("source"), tw.source);
+        self.text(key!("source"), &Cow::Borrowed(tw.source));
         self.int(key!("expected_ns"), tw.expected_ns);
         self.str(key!("detail"), &tw.detail);
         self.raw(b"}");
@@ -889,6 +942,42 @@ mod tests {
             let mut want = serde_json::to_vec(ev).expect("serialising");
             want.push(b'\n');
             assert_eq!(String::from_utf8(ours), String::from_utf8(want));
+        }
+    }
+
+    /// Fixed texts are remembered as plain only when they are, whatever
+    /// else shares their slot.
+    #[test]
+    fn plain_texts_remember_only_what_needs_no_escaping() {
+        const TEXTS: [&str; 6] = [
+            "SYN",
+            "a \"quoted\" word",
+            "tab\there",
+            "",
+            "→ ok",
+            "back\\slash",
+        ];
+        let mut p = PlainTexts::default();
+        for _ in 0..3 {
+            for t in TEXTS {
+                assert_eq!(p.plain(t), !needs_escape(t), "{t:?}");
+            }
+        }
+        assert!(p.plain("SYN") && p.plain("→ ok") && p.plain(""));
+        assert!(!p.plain("a \"quoted\" word") && !p.plain("tab\there") && !p.plain("back\\slash"));
+        // Every slot taken by one text, then each slot's text replaced by
+        // one that needs escaping: none of those may pass as plain.
+        let many: Vec<&'static str> = (0..2048)
+            .map(|i| &*Box::leak(format!("t{i}").into_boxed_str()))
+            .collect();
+        for t in &many {
+            assert!(p.plain(t));
+        }
+        let quoted: Vec<&'static str> = (0..2048)
+            .map(|i| &*Box::leak(format!("\"{i}").into_boxed_str()))
+            .collect();
+        for t in &quoted {
+            assert!(!p.plain(t), "{t}");
         }
     }
 
