@@ -412,25 +412,33 @@ impl Json<'_> {
     }
 
     fn ipv4(&mut self, ip: Ipv4Addr) {
-        self.fill::<15>(|d| {
-            let mut len = 0;
-            for (i, octet) in ip.octets().into_iter().enumerate() {
-                if i > 0 {
-                    d[len] = b'.';
-                    len += 1;
-                }
-                if octet >= 100 {
-                    d[len] = b'0' + octet / 100;
-                    len += 1;
-                }
-                if octet >= 10 {
-                    d[len] = b'0' + octet / 10 % 10;
-                    len += 1;
-                }
-                d[len] = b'0' + octet % 10;
-                len += 1;
+        /// Each octet's digits followed by a dot, and how many digits:
+        /// an octet is one 4-byte copy, without a division or a branch.
+        const OCTETS: [([u8; 4], u8); 256] = {
+            let mut t = [([0; 4], 0); 256];
+            let mut i = 0;
+            while i < 256 {
+                let (h, te, o) = ((i / 100) as u8, (i / 10 % 10) as u8, (i % 10) as u8);
+                t[i] = if i >= 100 {
+                    ([b'0' + h, b'0' + te, b'0' + o, b'.'], 3)
+                } else if i >= 10 {
+                    ([b'0' + te, b'0' + o, b'.', 0], 2)
+                } else {
+                    ([b'0' + o, b'.', 0, 0], 1)
+                };
+                i += 1;
             }
-            len
+            t
+        };
+        // 16 bytes of room: the last octet's copy writes a dot past the end.
+        self.fill::<16>(|d| {
+            let mut len = 0;
+            for octet in ip.octets() {
+                let (digits, n) = OCTETS[usize::from(octet)];
+                d[len..len + 4].copy_from_slice(&digits);
+                len += usize::from(n) + 1;
+            }
+            len - 1
         });
     }
 
@@ -978,6 +986,37 @@ mod tests {
             .collect();
         for t in &quoted {
             assert!(!p.plain(t), "{t}");
+        }
+    }
+
+    /// Every octet value in every position (and every digit-count mix),
+    /// as `Display` prints the address.
+    #[test]
+    fn ipv4_prints_as_display() {
+        let edge = [0u8, 1, 9, 10, 42, 99, 100, 199, 254, 255];
+        let mut addrs: Vec<Ipv4Addr> = (0..=255u8)
+            .flat_map(|o| {
+                (0..4).map(move |pos| {
+                    let mut b = [7u8; 4];
+                    b[pos] = o;
+                    Ipv4Addr::from(b)
+                })
+            })
+            .collect();
+        for a in edge {
+            for b in edge {
+                for c in edge {
+                    for d in edge {
+                        addrs.push(Ipv4Addr::new(a, b, c, d));
+                    }
+                }
+            }
+        }
+        let mut buf = Vec::new();
+        for ip in addrs {
+            buf.clear();
+            Json { buf: &mut buf }.ipv4(ip);
+            assert_eq!(std::str::from_utf8(&buf), Ok(ip.to_string().as_str()));
         }
     }
 
