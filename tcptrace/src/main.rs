@@ -15,7 +15,7 @@ use tcptrace::demo;
 use tcptrace::event::Event;
 use tcptrace::matcher::{Connection, Matcher, MatcherConfig};
 use tcptrace::output::Output;
-use tcptrace::reader::{self, Batch, Intake, ReaderStats, Reorder};
+use tcptrace::reader::{self, monotonic_ns, Intake, Msg, ReaderStats, Reorder, Watermarks};
 use tcptrace::render::{self, Clock, Mode};
 use tcptrace_common::{Filter, AF_INET, AF_INET6, MAX_PORTS};
 use tokio::signal::unix::{signal, SignalKind};
@@ -363,16 +363,19 @@ async fn run_live(
     // QUEUED_BATCHES × reader::MAX_BATCH events (about 30 MB at worst, when
     // the matcher falls behind); past that the readers wait, the rings
     // fill, and the kernel counts what it drops.
-    let (tx, mut rx) = mpsc::channel::<Batch>(QUEUED_BATCHES);
-    for ring in rings {
-        tokio::spawn(reader::read_ring(
-            ring,
-            names.clone(),
-            (mode, clock),
-            stats.clone(),
-            intake.clone(),
-            tx.clone(),
-        ));
+    let (tx, mut rx) = mpsc::channel::<Msg>(QUEUED_BATCHES);
+    let mut marks = Watermarks::new(rings.len());
+    for (i, ring) in rings.into_iter().enumerate() {
+        let r = reader::Reader {
+            ring: i,
+            names: names.clone(),
+            mode,
+            clock,
+            stats: stats.clone(),
+            intake: intake.clone(),
+            tx: tx.clone(),
+        };
+        tokio::spawn(reader::read_ring(ring, r));
     }
     drop(tx);
     let deadline = stop.after.map(|d| tokio::time::Instant::now() + d);
@@ -391,9 +394,10 @@ async fn run_live(
         Ok(())
     };
     // Each namespace has its own ring, so a segment can arrive after the
-    // state change it caused; the matcher gets events in time order.
+    // state change it caused; the matcher gets events in time order, up to
+    // where every ring has been read (`marks`).
     let mut order = Reorder::default();
-    let mut flush = tokio::time::interval(REORDER_NS / 2);
+    let mut flush = tokio::time::interval(FLUSH_EVERY);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Always on stderr, JSON mode included: scripts wait for it to know the
     // programs are attached.
@@ -407,8 +411,15 @@ async fn run_live(
     );
     'run: loop {
         tokio::select! {
-            batch = rx.recv() => {
-                let Some(mut batch) = batch else { break 'run };
+            msg = rx.recv() => {
+                let mut batch = match msg {
+                    None => break 'run,
+                    Some(Msg::Drained { ring, at_ns }) => {
+                        marks.drained(ring, at_ns);
+                        continue 'run;
+                    }
+                    Some(Msg::Events(batch)) => batch,
+                };
                 received += batch.len() as u64;
                 if matching {
                     for ev in batch.drain(..) {
@@ -421,7 +432,7 @@ async fn run_live(
                 }
             }
             _ = flush.tick(), if matching && !order.is_empty() => {
-                let cutoff = monotonic_ns().saturating_sub(REORDER_NS.as_nanos() as u64);
+                let cutoff = marks.cutoff(monotonic_ns());
                 while let Some(ev) = order.pop_older(cutoff) {
                     for c in matcher.push(ev) {
                         emit(&mut out, &c)?;
@@ -431,7 +442,7 @@ async fn run_live(
             }
             _ = tick.tick() => {
                 if matching {
-                    for c in matcher.tick(monotonic_ns().saturating_sub(REORDER_NS.as_nanos() as u64)) {
+                    for c in matcher.tick(marks.cutoff(monotonic_ns())) {
                         emit(&mut out, &c)?;
                     }
                 }
@@ -477,8 +488,8 @@ async fn run_live(
     if let Some(e) = failed {
         return Err(e).context("cannot write the event lines");
     }
-    while let Ok(batch) = rx.try_recv() {
-        if matching {
+    while let Ok(msg) = rx.try_recv() {
+        if let (Msg::Events(batch), true) = (msg, matching) {
             for ev in batch {
                 order.push(ev);
             }
@@ -523,9 +534,8 @@ async fn run_live(
 
 const QUEUED_BATCHES: usize = 256;
 
-/// How long events wait before they go to the matcher, so that those from
-/// other rings can be put before them.
-const REORDER_NS: Duration = Duration::from_millis(40);
+/// How often events that every ring has been read past go to the matcher.
+const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 /// `tcptrace demo`: see [`tcptrace::demo`].
 fn demo(a: DemoArgs, mode: Mode) -> Result<i32> {
@@ -607,14 +617,4 @@ fn demo(a: DemoArgs, mode: Mode) -> Result<i32> {
         return Ok(1);
     }
     Ok(0)
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid clock id and out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -160,40 +160,76 @@ impl Intake {
     }
 }
 
-pub async fn read_ring(
-    ring: RingBuf<MapData>,
-    names: Arc<IfaceNames>,
-    (mode, clock): (Mode, Clock),
-    stats: Arc<ReaderStats>,
-    intake: Arc<Intake>,
-    tx: mpsc::Sender<Batch>,
-) -> Result<()> {
+/// What a reader sends the matcher, in ring order.
+pub enum Msg {
+    /// Events taken from a ring; their lines are written.
+    Events(Batch),
+    /// Ring `ring` was found empty by a read that began at `at_ns`
+    /// (CLOCK_MONOTONIC, the events' clock): whatever it delivers later
+    /// was stamped after that, but for the few records stamped and not yet
+    /// committed when it read (see [`Watermarks`]).
+    Drained { ring: usize, at_ns: u64 },
+}
+
+/// One ring's reader: what it needs besides the ring.
+pub struct Reader {
+    pub ring: usize,
+    pub names: Arc<IfaceNames>,
+    pub mode: Mode,
+    pub clock: Clock,
+    pub stats: Arc<ReaderStats>,
+    pub intake: Arc<Intake>,
+    pub tx: mpsc::Sender<Msg>,
+}
+
+pub async fn read_ring(ring: RingBuf<MapData>, mut r: Reader) -> Result<()> {
     // SAFETY: the AsyncFd owns the ring, so its fd outlives the registration.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)? };
     // Reused batch after batch: a fresh buffer of a few hundred KiB is
     // fresh pages, each a page fault.
     let mut lines = Lines::default();
     loop {
-        let mut guard = fd.readable_mut().await?;
+        // Waits for data, but not forever: an idle ring still says it is
+        // empty, or the matcher would hold the other rings' events for it.
+        let more = match tokio::time::timeout(IDLE_REPORT, fd.readable_mut()).await {
+            Ok(guard) => {
+                let mut guard = guard?;
+                let more = r.drain(guard.get_inner_mut(), &mut lines).await?;
+                guard.clear_ready();
+                more
+            }
+            Err(_) => r.drain(fd.get_mut(), &mut lines).await?,
+        };
+        if !more {
+            return Ok(()); // the run is ending
+        }
+        tokio::time::sleep(NAP).await;
+    }
+}
+
+impl Reader {
+    /// Takes everything the ring holds, in batches, then says it is empty;
+    /// false once the run is ending.
+    async fn drain(&mut self, ring: &mut RingBuf<MapData>, lines: &mut Lines) -> Result<bool> {
         loop {
-            let ring = guard.get_inner_mut();
-            let mut batch = intake.batch();
+            let at_ns = monotonic_ns();
+            let mut batch = self.intake.batch();
             lines.clear();
             let mut read = 0;
             while read < MAX_BATCH {
                 let Some(item) = ring.next() else { break };
                 read += 1;
-                match decode::decode(&item, &names) {
-                    Ok(ev) if !(intake.keep)(&ev) => {}
+                match decode::decode(&item, &self.names) {
+                    Ok(ev) if !(self.intake.keep)(&ev) => {}
                     Ok(ev) => {
-                        if mode != Mode::Timeline {
-                            render::write_event(&mut lines.bytes, mode, &ev, &clock)?;
+                        if self.mode != Mode::Timeline {
+                            render::write_event(&mut lines.bytes, self.mode, &ev, &self.clock)?;
                             lines.ends.push(lines.bytes.len());
                         }
                         batch.push(ev);
                     }
                     Err(e) => {
-                        if stats.undecodable.fetch_add(1, Ordering::Relaxed) == 0 {
+                        if self.stats.undecodable.fetch_add(1, Ordering::Relaxed) == 0 {
                             log::warn!("undecodable ring buffer record: {e}");
                         }
                     }
@@ -201,30 +237,86 @@ pub async fn read_ring(
             }
             let drained = read < MAX_BATCH;
             if batch.is_empty() {
-                intake.recycle(batch); // all filtered out (or undecodable)
+                self.intake.recycle(batch); // all filtered out (or undecodable)
             } else {
-                let n = intake.take(&lines, batch.len());
+                let n = self.intake.take(lines, batch.len());
                 if n == 0 {
-                    return Ok(()); // closed: the run is ending
+                    return Ok(false); // closed: the run is ending
                 }
                 batch.truncate(n);
-                if tx.send(batch).await.is_err() {
-                    return Ok(()); // the consumer is gone: we are shutting down
+                if self.tx.send(Msg::Events(batch)).await.is_err() {
+                    return Ok(false); // the consumer is gone: we are shutting down
                 }
             }
             if drained {
-                break;
+                let msg = Msg::Drained {
+                    ring: self.ring,
+                    at_ns,
+                };
+                return Ok(self.tx.send(msg).await.is_ok());
             }
         }
-        guard.clear_ready();
-        tokio::time::sleep(NAP).await;
     }
 }
 
+/// How far each ring has been read, and so up to when the matcher may take
+/// events. A ring is drained on its own schedule (and each watched
+/// namespace has its own), so a segment can reach tcptrace after the state
+/// change it caused, or after later events of other rings. Taking events
+/// only up to the slowest ring's last empty read keeps them in time order
+/// however late a reader runs (a busy host, an emulated CPU), where a fixed
+/// hold-back split connections whose segments came late: the kernel's part
+/// was matched and emitted before its segments arrived.
+pub struct Watermarks {
+    at: Vec<u64>,
+}
+
+impl Watermarks {
+    pub fn new(rings: usize) -> Watermarks {
+        Watermarks { at: vec![0; rings] }
+    }
+
+    pub fn drained(&mut self, ring: usize, at_ns: u64) {
+        if let Some(a) = self.at.get_mut(ring) {
+            *a = (*a).max(at_ns);
+        }
+    }
+
+    /// Events stamped at or before this may go to the matcher: the slowest
+    /// ring's last empty read, less [`COMMIT_MARGIN_NS`]; but never more
+    /// than [`MAX_HOLD_NS`] ago (a reader that stops reporting, blocked or
+    /// starved, holds the others back no longer than that).
+    pub fn cutoff(&self, now_ns: u64) -> u64 {
+        let slowest = self.at.iter().copied().min().unwrap_or(now_ns);
+        (slowest.saturating_sub(COMMIT_MARGIN_NS)).max(now_ns.saturating_sub(MAX_HOLD_NS))
+    }
+}
+
+/// A record is stamped (bpf_ktime_get_ns) a little before it is committed
+/// to the ring; one stamped before a read began may still be in flight
+/// when the read finds the ring empty. Microseconds in practice; generous.
+pub const COMMIT_MARGIN_NS: u64 = 5_000_000;
+
+/// The longest events wait for a ring that does not report.
+pub const MAX_HOLD_NS: u64 = 1_000_000_000;
+
+/// How often an idle ring reports that it is empty.
+pub const IDLE_REPORT: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// How long the reader lets records pile up after draining a ring. Short
-/// beside the matcher's hold-back (`REORDER_NS` in main.rs, 40 ms) and the time a
-/// default ring takes to fill at saturation (4 MiB at ~600,000 events/s of
-/// about 100 bytes: ~70 ms).
+/// beside the time a default ring takes to fill at saturation (4 MiB at
+/// ~600,000 events/s of about 100 bytes: ~70 ms).
 pub const NAP: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Emptied batches kept for reuse; more are freed. A few suffice: the
@@ -235,8 +327,8 @@ const SPARE_BATCHES: usize = 8;
 /// the matcher is bounded in events, not only in batches.
 pub const MAX_BATCH: usize = 1024;
 
-/// Events in time order, held a while (`REORDER_NS` in main.rs) for
-/// those of other rings.
+/// Events in time order, held until every ring has been read past them
+/// (see [`Watermarks`]).
 ///
 /// A ring delivers in reservation order, which is time order but for
 /// neighbours whose CPUs raced between taking the time and reserving: an
@@ -387,6 +479,57 @@ mod tests {
         assert_eq!(r.pop_older(30).map(|e| e.ts_ns()), Some(30));
         assert_eq!(r.pop_older(30).map(|e| e.ts_ns()), None);
         assert!(!r.is_empty());
+    }
+
+    /// A ring's report: (ring, ms).
+    type Report = (usize, u64);
+
+    /// (reports, now ms) → cutoff ms, over two rings.
+    #[test]
+    fn watermarks_follow_the_slowest_ring() {
+        let ms = 1_000_000;
+        let margin = COMMIT_MARGIN_NS / ms;
+        let hold = MAX_HOLD_NS / ms;
+        let cases: Vec<(&str, Vec<Report>, u64, u64)> = vec![
+            (
+                "nothing reported yet: at most the longest hold",
+                vec![],
+                5000,
+                5000 - hold,
+            ),
+            ("one ring reported", vec![(0, 4990)], 5000, 5000 - hold),
+            (
+                "both: the slower one",
+                vec![(0, 4990), (1, 4950)],
+                5000,
+                4950 - margin,
+            ),
+            (
+                "a report never goes back",
+                vec![(1, 4980), (0, 4990), (1, 4900)],
+                5000,
+                4980 - margin,
+            ),
+            (
+                "a ring silent too long is overtaken",
+                vec![(0, 4990), (1, 3000)],
+                5000,
+                5000 - hold,
+            ),
+            (
+                "an unknown ring is ignored",
+                vec![(0, 4990), (1, 4990), (7, 1)],
+                5000,
+                4990 - margin,
+            ),
+        ];
+        for (name, reports, now, want) in cases {
+            let mut w = Watermarks::new(2);
+            for (ring, at) in reports {
+                w.drained(ring, at * ms);
+            }
+            assert_eq!(w.cutoff(now * ms), want * ms, "{name}");
+        }
     }
 
     #[test]
