@@ -365,11 +365,9 @@ async fn run_live(
     // fill, and the kernel counts what it drops.
     let (tx, mut rx) = mpsc::channel::<Msg>(QUEUED_BATCHES);
     let mut marks = Watermarks::new(rings.len());
-    let report_idle = rings.len() > 1;
     for (i, ring) in rings.into_iter().enumerate() {
         let r = reader::Reader {
             ring: i,
-            report_idle,
             names: names.clone(),
             mode,
             clock,

@@ -174,10 +174,6 @@ pub enum Msg {
 /// One ring's reader: what it needs besides the ring.
 pub struct Reader {
     pub ring: usize,
-    /// Whether other rings wait for this one (there are several): then it
-    /// reports every [`IDLE_REPORT`] that it is still empty. A lone ring
-    /// needs not: its last read always ends in a report.
-    pub report_idle: bool,
     pub names: Arc<IfaceNames>,
     pub mode: Mode,
     pub clock: Clock,
@@ -195,12 +191,7 @@ pub async fn read_ring(ring: RingBuf<MapData>, mut r: Reader) -> Result<()> {
     loop {
         // Waits for data, but not forever: an idle ring still says it is
         // empty, or the matcher would hold the other rings' events for it.
-        let wait = if r.report_idle {
-            IDLE_REPORT
-        } else {
-            std::time::Duration::MAX
-        };
-        let more = match tokio::time::timeout(wait, fd.readable_mut()).await {
+        let more = match tokio::time::timeout(IDLE_REPORT, fd.readable_mut()).await {
             Ok(guard) => {
                 let mut guard = guard?;
                 let more = r.drain(guard.get_inner_mut(), &mut lines).await?;
@@ -309,8 +300,7 @@ pub const COMMIT_MARGIN_NS: u64 = 5_000_000;
 /// The longest events wait for a ring that does not report.
 pub const MAX_HOLD_NS: u64 = 1_000_000_000;
 
-/// How often an idle ring reports that it is empty, when other rings wait
-/// for it: how long their events may wait for it.
+/// How often an idle ring reports that it is empty.
 pub const IDLE_REPORT: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns.
