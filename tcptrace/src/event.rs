@@ -313,7 +313,7 @@ impl Comm {
     }
 
     pub fn as_str(&self) -> Cow<'_, str> {
-        let b = self.bytes();
+        let b = self.as_bytes();
         // Valid UTF-8 (nearly every comm is ASCII) is borrowed without
         // going through the lossy decoder, a visible share of every line.
         match std::str::from_utf8(b) {
@@ -323,20 +323,9 @@ impl Comm {
     }
 
     /// The bytes up to the first NUL.
-    fn bytes(&self) -> &[u8] {
+    pub fn as_bytes(&self) -> &[u8] {
         let len = self.0.iter().position(|&c| c == 0).unwrap_or(16);
         &self.0[..len]
-    }
-
-    /// The name when it can go into a JSON string as it is: printable
-    /// ASCII without `"` or `\` (as nearly every process name is).
-    pub fn json_plain(&self) -> Option<&str> {
-        let b = self.bytes();
-        let plain = b.iter().fold(true, |ok, &c| {
-            ok & (0x20..0x7f).contains(&c) & (c != b'"') & (c != b'\\')
-        });
-        // SAFETY: printable ASCII is valid UTF-8.
-        plain.then(|| unsafe { std::str::from_utf8_unchecked(b) })
     }
 }
 

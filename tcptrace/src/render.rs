@@ -346,25 +346,39 @@ impl Json<'_> {
         self.json_str(v);
     }
 
-    /// `,"comm":"…"`, escaped only when the name needs it.
+    /// `,"comm":"…"`. An ASCII name (nearly every one) skips the UTF-8
+    /// check and its lossy decoding, a visible share of every line.
     #[inline(always)]
     fn comm(&mut self, comm: &Comm) {
-        match comm.json_plain() {
-            Some(plain) => self.name(key!("comm"), plain),
-            None => self.str(key!("comm"), &comm.as_str()),
+        let b = comm.as_bytes();
+        if b.is_ascii() {
+            // SAFETY: ASCII is valid UTF-8.
+            self.str(key!("comm"), unsafe { std::str::from_utf8_unchecked(b) });
+        } else {
+            self.str(key!("comm"), &comm.as_str());
         }
     }
 
-    /// A step's text: fixed (borrowed, `'static`) texts are scanned for
-    /// characters to escape once per thread and remembered by address,
-    /// since every connection repeats the same names and explanations;
-    /// composed ones (owned) are scanned each time.
+    /// A step's text: fixed ones (borrowed, `'static`) as [`Json::fixed`],
+    /// composed ones (owned) scanned each time.
     #[inline(always)]
     #[allow(clippy::ptr_arg)] // the variant is what matters: borrowed is 'static
     fn text(&mut self, key: &[u8], v: &Cow<'static, str>) {
         match v {
-            Cow::Borrowed(t) if PLAIN.with(|p| p.borrow_mut().plain(t)) => self.name(key, t),
-            _ => self.str(key, v),
+            Cow::Borrowed(t) => self.fixed(key, t),
+            Cow::Owned(t) => self.str(key, t),
+        }
+    }
+
+    /// A fixed text, scanned for characters to escape once per thread and
+    /// remembered by address: every connection repeats the same names and
+    /// explanations.
+    #[inline(always)]
+    fn fixed(&mut self, key: &[u8], t: &'static str) {
+        if PLAIN.with(|p| p.borrow_mut().plain(t)) {
+            self.name(key, t);
+        } else {
+            self.str(key, t);
         }
     }
 
@@ -710,7 +724,7 @@ impl Json<'_> {
         self.name(key!({ "side" }), tw.side.name());
         self.int(key!("since_ts_ns"), tw.since_ts_ns);
         self.int(key!("rel_ns"), tw.rel_ns);
-        self.text(key!("source"), &Cow::Borrowed(tw.source));
+        self.fixed(key!("source"), tw.source);
         self.int(key!("expected_ns"), tw.expected_ns);
         self.str(key!("detail"), &tw.detail);
         self.raw(b"}");
