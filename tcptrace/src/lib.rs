@@ -12,6 +12,8 @@
 //!   where a segment becomes a timeline step).
 //! - [`render`] and [`timeline`]: lines, JSON and timelines for people and scripts;
 //!   [`output`] writes a live run's records on a thread of its own.
+//! - [`priority`]: a live run's threads take only CPU time the traced
+//!   workload leaves idle, unless they fall behind.
 pub mod bpf;
 pub mod btf;
 pub mod decode;
@@ -21,6 +23,7 @@ pub mod matcher;
 pub mod netns;
 pub mod output;
 pub mod pcap;
+pub mod priority;
 pub mod reader;
 pub mod render;
 pub mod timeline;

@@ -2,6 +2,7 @@
 use std::future::Future;
 use std::io::{BufWriter, Write};
 use std::net::IpAddr;
+use std::os::fd::AsFd as _;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +16,7 @@ use tcptrace::demo;
 use tcptrace::event::Event;
 use tcptrace::matcher::{Connection, Matcher, MatcherConfig};
 use tcptrace::output::Output;
+use tcptrace::priority::{Guard, RingFill, Threads};
 use tcptrace::reader::{self, monotonic_ns, Intake, Msg, ReaderStats, Reorder, Watermarks};
 use tcptrace::render::{self, Clock, Mode};
 use tcptrace_common::{Filter, AF_INET, AF_INET6, MAX_PORTS};
@@ -121,6 +123,19 @@ struct LiveArgs {
     /// Raise it if tcptrace reports lost events.
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
     ring_size: u32,
+    /// CPU priority of tcptrace's threads. `normal`: they compete for the
+    /// CPU like any process. `yield`: they run as SCHED_IDLE, taking only
+    /// CPU time the traced host leaves idle (its tasks preempt them at once),
+    /// and go back to normal priority while a ring buffer is half full, so
+    /// that yielding does not cost events.
+    #[arg(long, value_enum, default_value_t = Priority::Normal)]
+    priority: Priority,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Priority {
+    Yield,
+    Normal,
 }
 
 fn main() {
@@ -243,10 +258,12 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
         ifaces: a.ifaces.clone(),
         netns: a.netns.clone(),
     };
-    let rt = runtime()?;
+    let threads = Threads::new(a.priority == Priority::Yield);
+    let rt = runtime(&threads)?;
     let signals = Signals::new(&rt)?;
     let tracer = Tracer::start(&cfg)?;
     let run = Run {
+        threads,
         mode,
         stop: Stop {
             after: a.duration.map(|d| Duration::from_secs_f64(d.max(0.0))),
@@ -266,10 +283,12 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
 /// output (which run in `block_on` on the main thread): a burst of output
 /// work must not keep the rings from being drained, or the kernel drops
 /// events while tcptrace has CPU to spare.
-fn runtime() -> Result<tokio::runtime::Runtime> {
+fn runtime(threads: &Arc<Threads>) -> Result<tokio::runtime::Runtime> {
+    let threads = threads.clone();
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("tcptrace-ring")
+        .on_thread_start(move || threads.join())
         .enable_all()
         .build()?)
 }
@@ -304,6 +323,8 @@ struct Stop {
 }
 
 struct Run<'a> {
+    /// The run's threads, yielding the CPU or not (see [`tcptrace::priority`]).
+    threads: Arc<Threads>,
     mode: Mode,
     stop: Stop,
     /// Which events to use; the others are dropped before output and
@@ -347,6 +368,7 @@ async fn run_live(
     run: Run<'_>,
 ) -> Result<()> {
     let Run {
+        threads,
         mode,
         mut stop,
         keep,
@@ -359,6 +381,13 @@ async fn run_live(
     let names = Arc::new(tracer.iface_names.clone());
     let stats = Arc::new(ReaderStats::default());
     let intake = Arc::new(Intake::new(keep, stop.events));
+    // This thread matches and renders: it yields with the readers.
+    threads.join();
+    let fills = rings
+        .iter()
+        .map(|r| RingFill::new(r.as_fd()))
+        .collect::<Result<Vec<_>>>()?;
+    let guard = Guard::start(threads.clone(), fills)?;
     // Bounds what waits between the readers and the matcher to
     // QUEUED_BATCHES × reader::MAX_BATCH events (about 30 MB at worst, when
     // the matcher falls behind); past that the readers wait, the rings
@@ -381,7 +410,7 @@ async fn run_live(
     let deadline = stop.after.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut matcher = Matcher::new(MatcherConfig::default());
-    let mut out = Output::stdout()?;
+    let mut out = Output::stdout(threads.clone())?;
     // Events that reached this loop; the readers count those they took.
     let mut received: u64 = 0;
     let connections = std::cell::Cell::new(0u64);
@@ -505,6 +534,8 @@ async fn run_live(
             emit(&mut out, &c)?;
         }
     }
+    drop(guard);
+    let (claims, claimed_ms) = threads.claimed();
     let (ring_full, missed) = (tracer.lost(), tracer.missed());
     let lost = ring_full + missed;
     let undecodable = stats.undecodable.load(Ordering::Relaxed);
@@ -512,10 +543,13 @@ async fn run_live(
         writeln!(
             out,
             "{}",
-            serde_json::json!({"type": "summary", "events": events, "lost": lost, "ring_full": ring_full, "missed": missed, "undecodable": undecodable})
+            serde_json::json!({"type": "summary", "events": events, "lost": lost, "ring_full": ring_full, "missed": missed, "undecodable": undecodable, "priority_claims": claims, "priority_claimed_ms": claimed_ms})
         )?;
     }
     out.finish()?;
+    if claims > 0 {
+        eprintln!("tcptrace: a ring buffer filled up {claims} times; tcptrace ran at normal priority for {claimed_ms} ms of the run to keep up");
+    }
     eprintln!(
         "tcptrace: {events} events, {lost} lost{}{}",
         if lost > 0 {
@@ -545,7 +579,8 @@ fn demo(a: DemoArgs, mode: Mode) -> Result<i32> {
     let client = a.client.unwrap_or_else(demo::Client::pick);
     // Catch Ctrl-C before the namespaces exist, so that it always ends in
     // their removal (Net's Drop) rather than the process dying with them.
-    let rt = runtime()?;
+    let threads = Threads::new(false);
+    let rt = runtime(&threads)?;
     let signals = Signals::new(&rt)?;
     let net = demo::Net::create()?;
     let server = demo::Server::start(&net)?;
@@ -577,6 +612,7 @@ fn demo(a: DemoArgs, mode: Mode) -> Result<i32> {
     })?;
     let mut summary = demo::Summary::default();
     let run = Run {
+        threads,
         mode,
         stop: Stop {
             connections: Some(u64::from(a.rounds)),

@@ -10,7 +10,10 @@
 //! handed over only between two writes, and every record is one write.
 use std::io::{self, Write};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
+
+use crate::priority::Threads;
 
 /// Bytes collected before they are handed to the writer.
 const CHUNK: usize = 256 * 1024;
@@ -30,12 +33,13 @@ pub struct Output {
 
 impl Output {
     /// Starts the writer thread, writing to stdout.
-    pub fn stdout() -> io::Result<Output> {
+    pub fn stdout(threads: Arc<Threads>) -> io::Result<Output> {
         let (tx, rx) = sync_channel::<Vec<u8>>(QUEUED);
         let (spare_tx, spare) = sync_channel::<Vec<u8>>(SPARE);
         let writer = std::thread::Builder::new()
             .name("tcptrace-out".into())
             .spawn(move || -> io::Result<()> {
+                threads.join();
                 let mut out = io::stdout();
                 for mut chunk in rx {
                     out.write_all(&chunk)?;

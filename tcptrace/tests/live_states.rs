@@ -186,7 +186,7 @@ fn tiny_ring_reports_lost_events() {
     ]);
     // SAFETY: stopping our own child so its ring fills up.
     unsafe { libc::kill(t.pid(), libc::SIGSTOP) };
-    open_and_close(port, 100);
+    open_and_close(port, 100, Duration::ZERO);
     unsafe { libc::kill(t.pid(), libc::SIGCONT) };
     let events = t.stop();
     let summary = of_type(&events, "summary");
@@ -217,24 +217,11 @@ fn count_stops_after_exactly_n_events() {
         &port.to_string(),
     ]);
     // About 30 state changes, most in one ring batch.
-    open_and_close(port, 3);
+    open_and_close(port, 3, Duration::ZERO);
     let out = t.wait_exit(Duration::from_secs(10));
     let states = of_type(&out, "state");
     assert_eq!(states.len(), 7, "event lines: {states:?}");
     let last = out.last().expect("some output");
     assert_eq!(last["type"], "summary", "the summary comes last: {last}");
     assert_eq!(last["events"], 7, "{last}");
-}
-
-/// `n` connections to a listener on 127.0.0.1:`port`, each accepted and
-/// closed at once (client first).
-fn open_and_close(port: u16, n: usize) {
-    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let listener = std::net::TcpListener::bind(server).unwrap();
-    for _ in 0..n {
-        let c = std::net::TcpStream::connect(server).unwrap();
-        let (s, _) = listener.accept().unwrap();
-        drop(c);
-        drop(s);
-    }
 }

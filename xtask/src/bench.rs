@@ -81,6 +81,10 @@ pub struct BenchArgs {
     /// Do not compare with libbpf-tools' tcpstates even when installed.
     #[arg(long)]
     no_tcpstates: bool,
+    /// Leave out the storm rounds with `--priority yield` (tcptrace's
+    /// threads as SCHED_IDLE), measured beside the default for comparison.
+    #[arg(long)]
+    no_priority_yield: bool,
     /// Extra argument for every tcptrace run (repeatable), e.g.
     /// --tcptrace-arg=--ring-size=16777216.
     #[arg(long = "tcptrace-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -106,6 +110,9 @@ enum Cfg {
     None,
     NoWire,
     Wire,
+    /// The same two with `--priority yield`: what yielding the CPU buys.
+    NoWireYield,
+    WireYield,
     Tcpstates,
 }
 
@@ -115,6 +122,8 @@ impl Cfg {
             Cfg::None => "none",
             Cfg::NoWire => "tcptrace_no_wire",
             Cfg::Wire => "tcptrace_wire",
+            Cfg::NoWireYield => "tcptrace_no_wire_priority_yield",
+            Cfg::WireYield => "tcptrace_wire_priority_yield",
             Cfg::Tcpstates => "tcpstates",
         }
     }
@@ -124,6 +133,8 @@ impl Cfg {
             Cfg::None => "no tracer",
             Cfg::NoWire => "tcptrace --json --no-wire",
             Cfg::Wire => "tcptrace --json (wire on lo)",
+            Cfg::NoWireYield => "tcptrace --json --no-wire --priority yield",
+            Cfg::WireYield => "tcptrace --json --priority yield (wire on lo)",
             Cfg::Tcpstates => "tcpstates (libbpf-tools)",
         }
     }
@@ -131,7 +142,7 @@ impl Cfg {
     fn kind(self) -> Option<Kind> {
         match self {
             Cfg::None => None,
-            Cfg::NoWire | Cfg::Wire => Some(Kind::Tcptrace),
+            Cfg::NoWire | Cfg::Wire | Cfg::NoWireYield | Cfg::WireYield => Some(Kind::Tcptrace),
             Cfg::Tcpstates => Some(Kind::Tcpstates),
         }
     }
@@ -146,6 +157,16 @@ impl Cfg {
     fn args(self, port: u16, extra: &[String]) -> Vec<String> {
         let mut v: Vec<String> = match self {
             Cfg::None => vec![],
+            Cfg::NoWireYield | Cfg::WireYield => {
+                let base = if self == Cfg::NoWireYield {
+                    Cfg::NoWire
+                } else {
+                    Cfg::Wire
+                };
+                let mut v = base.args(port, extra);
+                v.extend(["--priority".into(), "yield".into()]);
+                return v;
+            }
             Cfg::NoWire => vec![
                 "--json".into(),
                 "--no-wire".into(),
@@ -204,8 +225,10 @@ impl PerConn {
     fn expected(&self, cfg: Cfg, conns: u64) -> u64 {
         match cfg {
             Cfg::None => 0,
-            Cfg::NoWire | Cfg::Tcpstates => self.expected_states(conns),
-            Cfg::Wire => self.expected_states(conns) + self.expected_segments(conns),
+            Cfg::NoWire | Cfg::NoWireYield | Cfg::Tcpstates => self.expected_states(conns),
+            Cfg::Wire | Cfg::WireYield => {
+                self.expected_states(conns) + self.expected_segments(conns)
+            }
         }
     }
 }
@@ -376,6 +399,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     if tracing && !a.no_storm {
         let mut cfgs = vec![Cfg::None, Cfg::NoWire, Cfg::Wire];
+        if !a.no_priority_yield {
+            cfgs.extend([Cfg::NoWireYield, Cfg::WireYield]);
+        }
         if ctx.bins.tcpstates.is_some() && !a.no_tcpstates {
             cfgs.push(Cfg::Tcpstates);
         }

@@ -355,3 +355,17 @@ pub fn transitions(states: &[&Value], skaddr: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// `n` connections to a listener on 127.0.0.1:`port`, each accepted and
+/// closed at once (client first), `pause` between two.
+pub fn open_and_close(port: u16, n: u64, pause: Duration) {
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listener = TcpListener::bind(server).unwrap();
+    for _ in 0..n {
+        let c = TcpStream::connect(server).unwrap();
+        let (s, _) = listener.accept().unwrap();
+        drop(c);
+        drop(s);
+        std::thread::sleep(pause);
+    }
+}

@@ -1,0 +1,345 @@
+//! How a live run shares the CPU with the workload it traces.
+//!
+//! With `--priority yield` tcptrace's threads run as `SCHED_IDLE`: they
+//! take only CPU time that nothing else wants, and any task of the traced
+//! host that wakes up preempts them at once, where at normal priority the
+//! scheduler may let a tracer thread finish its slice first. For a host
+//! whose latency matters more than the trace's. The price is context
+//! switches: a yielding thread is preempted far more often (four times as
+//! many switches under the bench's storm), which costs CPU on a VM.
+//!
+//! Yielding must not cost events. A host with no idle CPU would starve the
+//! readers and the kernel would drop records once a ring is full, so a
+//! guard thread at normal priority reads how full each ring is (the
+//! kernel's producer and consumer positions, mapped read-only); when one is
+//! [`CLAIM_AT`] full every thread of the run goes back to normal priority,
+//! and it yields again once the rings have stayed below [`KEPT_UP`] for
+//! [`CAUGHT_UP_FOR`]. The default, `--priority normal`, never yields.
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+
+/// A ring this full (fraction) is falling behind. A yielding reader leaves
+/// records waiting while the workload runs (under the bench's storm, a
+/// quarter of the default ring at times: claiming there made the run flip
+/// every second or two); half leaves the other half, about 100 ms of that
+/// storm with wire capture, for the claimed threads to be scheduled.
+pub const CLAIM_AT: f64 = 0.5;
+/// Rings below this (fraction) have kept up.
+pub const KEPT_UP: f64 = 0.05;
+/// How long the rings must stay below [`KEPT_UP`] before the run yields
+/// again: a workload that saturates the host for seconds should not make
+/// the run flip back and forth every few milliseconds.
+pub const CAUGHT_UP_FOR: Duration = Duration::from_secs(1);
+/// How often the guard looks: a default ring (4 MiB) fills in about 70 ms
+/// at the highest event rates measured.
+const EVERY: Duration = Duration::from_millis(10);
+
+/// What the guard does next, from how full the fullest ring is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Stay as we are.
+    Stay,
+    /// Back to normal priority: a ring is filling up.
+    Claim,
+    /// Yield again: the rings have stayed nearly empty long enough.
+    Yield,
+}
+
+/// The guard's decision, apart from the system calls (table-tested).
+#[derive(Debug, Default)]
+pub struct Policy {
+    claimed: bool,
+    /// Since when (ns) the readers have kept up while claimed.
+    kept_up_since: Option<u64>,
+}
+
+impl Policy {
+    /// `fill`: the fullest ring's fill (0 to 1) at `now_ns`.
+    pub fn observe(&mut self, now_ns: u64, fill: f64) -> Verdict {
+        if !self.claimed {
+            if fill >= CLAIM_AT {
+                self.claimed = true;
+                self.kept_up_since = None;
+                return Verdict::Claim;
+            }
+            return Verdict::Stay;
+        }
+        if fill >= KEPT_UP {
+            self.kept_up_since = None;
+            return Verdict::Stay;
+        }
+        let since = *self.kept_up_since.get_or_insert(now_ns);
+        if now_ns - since >= CAUGHT_UP_FOR.as_nanos() as u64 {
+            self.claimed = false;
+            self.kept_up_since = None;
+            return Verdict::Yield;
+        }
+        Verdict::Stay
+    }
+}
+
+/// The run's threads and their scheduling policy.
+pub struct Threads {
+    yielding: bool,
+    tids: Mutex<Vec<libc::pid_t>>,
+    /// Currently at normal priority although yielding was asked for.
+    claimed: AtomicBool,
+    /// Nanoseconds spent claimed, and claims, for the summary.
+    claimed_ns: AtomicU64,
+    claims: AtomicU64,
+}
+
+impl Threads {
+    /// `yielding`: run as `SCHED_IDLE` (see the module's comment).
+    pub fn new(yielding: bool) -> Arc<Threads> {
+        Arc::new(Threads {
+            yielding,
+            tids: Mutex::new(Vec::new()),
+            claimed: AtomicBool::new(false),
+            claimed_ns: AtomicU64::new(0),
+            claims: AtomicU64::new(0),
+        })
+    }
+
+    fn tids(&self) -> std::sync::MutexGuard<'_, Vec<libc::pid_t>> {
+        self.tids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the calling thread one of the run's: it yields with the rest.
+    pub fn join(&self) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let mut tids = self.tids();
+        tids.push(tid);
+        if self.yielding && !self.claimed.load(Ordering::Relaxed) {
+            set_policy(tid, libc::SCHED_IDLE);
+        }
+    }
+
+    /// Every thread of the run to `policy`. A thread that has ended is
+    /// skipped (its tid fails with ESRCH, or names a stranger's thread only
+    /// if the tid was reused, which takes the kernel's pid space wrapping
+    /// around during the run: the guard stops before the threads end).
+    fn set_all(&self, policy: libc::c_int) {
+        for &tid in self.tids().iter() {
+            set_policy(tid, policy);
+        }
+    }
+
+    /// Claims spent at normal priority so far and for how long (ms).
+    pub fn claimed(&self) -> (u64, u64) {
+        (
+            self.claims.load(Ordering::Relaxed),
+            self.claimed_ns.load(Ordering::Relaxed) / 1_000_000,
+        )
+    }
+}
+
+/// Best effort: without CAP_SYS_NICE a thread may not leave SCHED_IDLE, but
+/// a live run has it (it is root), and priority never decides correctness.
+fn set_policy(tid: libc::pid_t, policy: libc::c_int) {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: a valid sched_param; a stale tid only makes the call fail.
+    let rc = unsafe { libc::sched_setscheduler(tid, policy, &param) };
+    if rc != 0 {
+        log::debug!(
+            "sched_setscheduler({tid}, {policy}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// How full a ring buffer is, from its positions: the consumer page and the
+/// producer page that follows it, mapped read-only (the kernel allows any
+/// read-only mapping of a ring; the reader's own, aya's, stays as it is).
+pub struct RingFill {
+    pages: *mut libc::c_void,
+    page: usize,
+    size: u64,
+}
+
+// SAFETY: the mapping is only read, with atomic loads; it lives until drop.
+unsafe impl Send for RingFill {}
+
+impl RingFill {
+    pub fn new(ring: BorrowedFd<'_>) -> Result<RingFill> {
+        let fd = ring.as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .context("reading the ring buffer's fdinfo")?;
+        let size: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("max_entries:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("no max_entries in the ring buffer's fdinfo")?;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        // SAFETY: a fresh read-only shared mapping of the map's first two
+        // pages; the kernel checks the fd and the range.
+        let pages = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                2 * page,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if pages == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .context("mapping the ring buffer's positions");
+        }
+        Ok(RingFill { pages, page, size })
+    }
+
+    /// Bytes written by the kernel and not yet consumed, as a fraction of
+    /// the ring.
+    pub fn fill(&self) -> f64 {
+        // SAFETY: both positions are 8-byte aligned words in the mapping,
+        // written by the kernel and by the reader; read atomically.
+        let (consumer, producer) = unsafe {
+            let at = |off: usize| {
+                (*(self.pages.cast::<u8>().add(off) as *const AtomicU64)).load(Ordering::Acquire)
+            };
+            (at(0), at(self.page))
+        };
+        producer.saturating_sub(consumer) as f64 / self.size as f64
+    }
+}
+
+impl Drop for RingFill {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.pages, 2 * self.page) };
+    }
+}
+
+/// The guard thread (see the module's comment); stops when dropped.
+pub struct Guard {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Guard {
+    /// Watches `rings` for `threads`. None when the run does not yield.
+    pub fn start(threads: Arc<Threads>, rings: Vec<RingFill>) -> Result<Option<Guard>> {
+        if !threads.yielding {
+            return Ok(None);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("tcptrace-guard".into())
+            .spawn(move || {
+                // Not inherited from a yielding thread: the guard must run
+                // when the others cannot.
+                // SAFETY: gettid has no preconditions.
+                set_policy(unsafe { libc::gettid() }, libc::SCHED_OTHER);
+                let mut policy = Policy::default();
+                let mut claimed_at = 0;
+                while !stopping.load(Ordering::Relaxed) {
+                    std::thread::sleep(EVERY);
+                    let now = crate::reader::monotonic_ns();
+                    let fill = rings.iter().map(RingFill::fill).fold(0.0, f64::max);
+                    match policy.observe(now, fill) {
+                        Verdict::Stay => {}
+                        Verdict::Claim => {
+                            threads.claimed.store(true, Ordering::Relaxed);
+                            threads.set_all(libc::SCHED_OTHER);
+                            threads.claims.fetch_add(1, Ordering::Relaxed);
+                            claimed_at = now;
+                        }
+                        Verdict::Yield => {
+                            threads.claimed.store(false, Ordering::Relaxed);
+                            threads.set_all(libc::SCHED_IDLE);
+                            threads
+                                .claimed_ns
+                                .fetch_add(now - claimed_at, Ordering::Relaxed);
+                        }
+                    }
+                }
+                if threads.claimed.load(Ordering::Relaxed) {
+                    let now = crate::reader::monotonic_ns();
+                    threads
+                        .claimed_ns
+                        .fetch_add(now - claimed_at, Ordering::Relaxed);
+                }
+            })?;
+        Ok(Some(Guard {
+            stop,
+            handle: Some(handle),
+        }))
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    /// (ms since start, fullest ring's fill, verdict)
+    fn run(steps: &[(u64, f64, Verdict)]) {
+        let mut p = Policy::default();
+        for (i, &(at, fill, want)) in steps.iter().enumerate() {
+            assert_eq!(
+                p.observe(at * MS, fill),
+                want,
+                "step {i}: at {at} ms, fill {fill}"
+            );
+        }
+    }
+
+    #[test]
+    fn yields_while_the_rings_have_room() {
+        use Verdict::*;
+        run(&[
+            (0, 0.0, Stay),
+            (10, 0.3, Stay),
+            (20, 0.49, Stay),
+            (30, 0.05, Stay),
+        ]);
+    }
+
+    #[test]
+    fn claims_once_a_ring_is_half_full_and_yields_after_a_second_nearly_empty() {
+        use Verdict::*;
+        run(&[
+            (0, 0.5, Claim),
+            (10, 0.9, Stay),  // still filling: stays claimed, says nothing
+            (20, 0.01, Stay), // kept up from here...
+            (500, 0.04, Stay),
+            (1019, 0.0, Stay),
+            (1020, 0.0, Yield), // ...for a second
+            (1030, 0.2, Stay),
+            (1040, 0.6, Claim),
+        ]);
+    }
+
+    #[test]
+    fn filling_again_while_claimed_restarts_the_second() {
+        use Verdict::*;
+        run(&[
+            (0, 0.7, Claim),
+            (10, 0.0, Stay),
+            (900, 0.1, Stay), // not nearly empty: the second starts over
+            (910, 0.0, Stay),
+            (1500, 0.0, Stay),
+            (1910, 0.0, Yield),
+        ]);
+    }
+}

@@ -1,0 +1,191 @@
+//! `--priority yield`: a live run's threads yield the CPU (SCHED_IDLE) and
+//! claim it back when a ring fills up, so that yielding does not cost
+//! events. Real kernel, real scheduler.
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+/// Each thread of `pid` by name, with its scheduling policy, once `done`
+/// holds for them or 5 s have passed: a new thread names itself, and the
+/// guard sets its own policy, after tcptrace says it is tracing.
+fn policies(pid: i32, done: impl Fn(&[(String, i32)]) -> bool) -> Vec<(String, i32)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = policies_now(pid);
+        if done(&v) || std::time::Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn policies_now(pid: i32) -> Vec<(String, i32)> {
+    let mut v = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let tid: i32 = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap();
+        // SAFETY: no pointers; a thread that ended returns -1.
+        let policy = unsafe { libc::sched_getscheduler(tid) };
+        v.push((name.trim().to_string(), policy));
+    }
+    v.sort();
+    v
+}
+
+/// Pins every thread of `pid` (and the calling thread, when `pid` is 0)
+/// to `cpu`.
+fn pin(pid: i32, cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    let tids: Vec<i32> = if pid == 0 {
+        vec![0]
+    } else {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|t| t.unwrap().file_name().to_str().unwrap().parse().unwrap())
+            .collect()
+    };
+    for tid in tids {
+        // SAFETY: a valid set of the right size.
+        let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity({tid}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Every name in `want` is a thread's.
+fn named(v: &[(String, i32)], want: &[&str]) -> bool {
+    want.iter().all(|w| v.iter().any(|(n, _)| n == w))
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[test]
+fn threads_yield_with_priority_yield_only() {
+    if !need_root("threads_yield_with_priority_yield_only") {
+        return;
+    }
+    let port = free_port().to_string();
+    let t = Trace::start(&[
+        "--json",
+        "--no-wire",
+        "--port",
+        &port,
+        "--priority",
+        "yield",
+    ]);
+    let got = policies(t.pid(), |v| {
+        named(v, &["tcptrace-guard", "tcptrace-ring", "tcptrace-out"])
+            && v.iter()
+                .any(|(n, p)| n == "tcptrace-guard" && *p == libc::SCHED_OTHER)
+    });
+    let want: Vec<(String, i32)> = got
+        .iter()
+        .map(|(name, _)| {
+            let p = if name == "tcptrace-guard" {
+                libc::SCHED_OTHER
+            } else {
+                libc::SCHED_IDLE
+            };
+            (name.clone(), p)
+        })
+        .collect();
+    assert!(
+        named(&got, &["tcptrace-guard", "tcptrace-ring", "tcptrace-out"]),
+        "threads: {got:?}"
+    );
+    assert_eq!(
+        got,
+        want,
+        "(name, policy) per thread; SCHED_IDLE = {}",
+        libc::SCHED_IDLE
+    );
+    let out = t.stop();
+    assert_eq!(of_type(&out, "summary")[0]["priority_claims"], 0);
+
+    for args in [&[][..], &["--priority", "normal"]] {
+        let mut all = vec!["--json", "--no-wire", "--port", &port];
+        all.extend_from_slice(args);
+        let t = Trace::start(&all);
+        let got = policies(t.pid(), |v| named(v, &["tcptrace-ring", "tcptrace-out"]));
+        assert!(
+            got.iter().all(|(_, p)| *p == libc::SCHED_OTHER)
+                && !got.iter().any(|(n, _)| n == "tcptrace-guard"),
+            "{args:?}: every thread SCHED_OTHER, and no guard: {got:?}"
+        );
+        t.stop();
+    }
+}
+
+/// tcptrace pinned to a CPU that a busy loop keeps busy: yielding, its
+/// readers get next to no time, the ring fills, and the guard must put the
+/// threads back to normal priority before it overflows.
+#[test]
+fn a_starved_run_claims_the_cpu_and_loses_nothing() {
+    if !need_root("a_starved_run_claims_the_cpu_and_loses_nothing") {
+        return;
+    }
+    let port = free_port();
+    // 64 KiB: half (where the guard claims) is about 340 state changes.
+    let t = Trace::start(&[
+        "--json",
+        "--no-wire",
+        "--priority",
+        "yield",
+        "--ring-size",
+        "65536",
+        "--port",
+        &port.to_string(),
+    ]);
+    pin(t.pid(), 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let hog = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            pin(0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    };
+    // The connections from the other CPU when there is one.
+    let conns = 400;
+    let maker = std::thread::spawn(move || {
+        if cpus() > 1 {
+            pin(0, 1);
+        }
+        open_and_close(port, conns, Duration::from_millis(2));
+    });
+    maker.join().unwrap();
+    // Let the last close (and the claimed readers) finish before the hog stops.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    hog.join().unwrap();
+    let out = t.stop();
+    let summary = &of_type(&out, "summary")[0];
+    let states = of_type(&out, "state").len() as u64;
+    assert_eq!(summary["lost"], 0, "{summary}");
+    assert!(
+        summary["priority_claims"].as_u64().unwrap() >= 1,
+        "the guard never claimed the CPU: {summary}"
+    );
+    // Every connection: client CLOSE→SYN_SENT→ESTABLISHED→FIN_WAIT1→
+    // FIN_WAIT2→CLOSE, server LISTEN→SYN_RECV→ESTABLISHED→CLOSE_WAIT→
+    // LAST_ACK→CLOSE: 10, plus the listener's two.
+    assert!(
+        states >= conns * 10,
+        "{states} state changes for {conns} connections"
+    );
+}
