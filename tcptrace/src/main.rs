@@ -123,13 +123,15 @@ struct LiveArgs {
     /// Raise it if tcptrace reports lost events.
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
     ring_size: u32,
-    /// CPU priority of tcptrace's threads. `normal`: they compete for the
-    /// CPU like any process. `yield`: they run as SCHED_IDLE, taking only
+    /// CPU priority of tcptrace's threads [default: yield on Linux 6.6 and
+    /// later, normal before]. `yield`: they run as SCHED_IDLE, taking only
     /// CPU time the traced host leaves idle (its tasks preempt them at once),
     /// and go back to normal priority while a ring buffer is half full, so
-    /// that yielding does not cost events.
-    #[arg(long, value_enum, default_value_t = Priority::Normal)]
-    priority: Priority,
+    /// that yielding does not cost events (before 6.6 the scheduler may take
+    /// a second to honour that). `normal`: they compete for the CPU like any
+    /// process.
+    #[arg(long, value_enum)]
+    priority: Option<Priority>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -258,7 +260,11 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
         ifaces: a.ifaces.clone(),
         netns: a.netns.clone(),
     };
-    let threads = Threads::new(a.priority == Priority::Yield);
+    let yielding = match a.priority {
+        Some(p) => p == Priority::Yield,
+        None => tcptrace::priority::claims_at_once(),
+    };
+    let threads = Threads::new(yielding);
     let rt = runtime(&threads)?;
     let signals = Signals::new(&rt)?;
     let tracer = Tracer::start(&cfg)?;
@@ -506,6 +512,10 @@ async fn run_live(
             }
         }
     }
+    // The rest (draining, the summary, detaching) must not wait for an
+    // idle CPU on a busy host.
+    drop(guard);
+    threads.end();
     if let Some(f) = stopped {
         f.store(true, Ordering::SeqCst);
     }
@@ -534,7 +544,6 @@ async fn run_live(
             emit(&mut out, &c)?;
         }
     }
-    drop(guard);
     let (claims, claimed_ms) = threads.claimed();
     let (ring_full, missed) = (tracer.lost(), tracer.missed());
     let lost = ring_full + missed;
@@ -579,6 +588,7 @@ fn demo(a: DemoArgs, mode: Mode) -> Result<i32> {
     let client = a.client.unwrap_or_else(demo::Client::pick);
     // Catch Ctrl-C before the namespaces exist, so that it always ends in
     // their removal (Net's Drop) rather than the process dying with them.
+    // The demo is its own workload: nothing to yield to.
     let threads = Threads::new(false);
     let rt = runtime(&threads)?;
     let signals = Signals::new(&rt)?;

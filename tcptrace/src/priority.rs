@@ -1,12 +1,15 @@
 //! How a live run shares the CPU with the workload it traces.
 //!
-//! With `--priority yield` tcptrace's threads run as `SCHED_IDLE`: they
-//! take only CPU time that nothing else wants, and any task of the traced
-//! host that wakes up preempts them at once, where at normal priority the
-//! scheduler may let a tracer thread finish its slice first. For a host
-//! whose latency matters more than the trace's. The price is context
-//! switches: a yielding thread is preempted far more often (four times as
-//! many switches under the bench's storm), which costs CPU on a VM.
+//! By default (`--priority yield`) tcptrace's threads run as `SCHED_IDLE`:
+//! they take only CPU time that nothing else wants, and any task of the
+//! traced host that wakes up preempts them at once, where at normal priority
+//! the scheduler may let a tracer thread finish its slice first. Under the
+//! bench's connection storm that is worth 6-10 % more connections per
+//! second (paired rounds, same tracer CPU per event): the storm leaves idle
+//! gaps (a CPU waiting for the other's softirq or wakeup) that the tracer
+//! fills instead of delaying the storm. The price is context switches: a
+//! yielding thread is preempted far more often (three to four times as many
+//! switches), which costs some CPU on a VM.
 //!
 //! Yielding must not cost events. A host with no idle CPU would starve the
 //! readers and the kernel would drop records once a ring is full, so a
@@ -14,7 +17,15 @@
 //! kernel's producer and consumer positions, mapped read-only); when one is
 //! [`CLAIM_AT`] full every thread of the run goes back to normal priority,
 //! and it yields again once the rings have stayed below [`KEPT_UP`] for
-//! [`CAUGHT_UP_FOR`]. The default, `--priority normal`, never yields.
+//! [`CAUGHT_UP_FOR`]. `--priority normal` never yields.
+//!
+//! Yielding is the default only where claiming works at once: on Linux 6.6
+//! and later (the EEVDF scheduler), a thread moved from SCHED_IDLE to
+//! SCHED_OTHER competes at its new weight straight away. Before 6.6 (CFS) it
+//! keeps the virtual runtime it accrued at idle weight, 340 times faster
+//! than at normal weight, and can wait a second or more for the CPU after a
+//! claim: in the 6.1 test VM a starved, claiming run still lost events where
+//! a normal-priority one would not. There the default is `normal`.
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +49,29 @@ pub const CAUGHT_UP_FOR: Duration = Duration::from_secs(1);
 /// How often the guard looks: a default ring (4 MiB) fills in about 70 ms
 /// at the highest event rates measured.
 const EVERY: Duration = Duration::from_millis(10);
+
+/// Whether this kernel's scheduler lets a claim take effect at once (see the
+/// module's comment): Linux 6.6 or later.
+pub fn claims_at_once() -> bool {
+    // SAFETY: uname fills the struct it is given.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return false;
+    }
+    // SAFETY: uname NUL-terminates release.
+    let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
+    kernel_at_least(&release.to_string_lossy(), (6, 6))
+}
+
+/// `release` (as `uname -r` prints it, "6.18.0-1-amd64") is `want` or later.
+fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let num = |p: Option<&str>| p.and_then(|p| p.parse::<u32>().ok());
+    match (num(parts.next()), num(parts.next())) {
+        (Some(major), Some(minor)) => (major, minor) >= want,
+        _ => false,
+    }
+}
 
 /// What the guard does next, from how full the fullest ring is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +162,15 @@ impl Threads {
     fn set_all(&self, policy: libc::c_int) {
         for &tid in self.tids().iter() {
             set_policy(tid, policy);
+        }
+    }
+
+    /// The run is ending: every thread back to normal priority, so that
+    /// draining, the summary and detaching do not wait for an idle CPU.
+    /// Call after the guard is dropped.
+    pub fn end(&self) {
+        if self.yielding {
+            self.set_all(libc::SCHED_OTHER);
         }
     }
 
@@ -301,6 +344,23 @@ mod tests {
                 want,
                 "step {i}: at {at} ms, fill {fill}"
             );
+        }
+    }
+
+    #[test]
+    fn kernel_versions() {
+        for (release, at_least) in [
+            ("6.18.0-1-cloud-amd64", true),
+            ("6.6.0", true),
+            ("6.10", true),
+            ("7.0.1", true),
+            ("6.5.13-arch1", false),
+            ("6.1.0-56-cloud-amd64", false),
+            ("5.15.0-91-generic", false),
+            ("", false),
+            ("garbage", false),
+        ] {
+            assert_eq!(kernel_at_least(release, (6, 6)), at_least, "{release}");
         }
     }
 

@@ -1,5 +1,5 @@
-//! `--priority yield`: a live run's threads yield the CPU (SCHED_IDLE) and
-//! claim it back when a ring fills up, so that yielding does not cost
+//! `--priority`: a live run's threads yield the CPU (SCHED_IDLE) by default
+//! and claim it back when a ring fills up, so that yielding does not cost
 //! events. Real kernel, real scheduler.
 mod common;
 
@@ -73,19 +73,25 @@ fn cpus() -> usize {
 }
 
 #[test]
-fn threads_yield_with_priority_yield_only() {
-    if !need_root("threads_yield_with_priority_yield_only") {
+fn threads_yield_unless_priority_normal() {
+    if !need_root("threads_yield_unless_priority_normal") {
         return;
     }
     let port = free_port().to_string();
-    let t = Trace::start(&[
-        "--json",
-        "--no-wire",
-        "--port",
-        &port,
-        "--priority",
-        "yield",
-    ]);
+    // The default on 6.6 and later; `normal` is the default before.
+    let default_yields = tcptrace::priority::claims_at_once();
+    let t = if default_yields {
+        Trace::start(&["--json", "--no-wire", "--port", &port])
+    } else {
+        Trace::start(&[
+            "--json",
+            "--no-wire",
+            "--port",
+            &port,
+            "--priority",
+            "yield",
+        ])
+    };
     let got = policies(t.pid(), |v| {
         named(v, &["tcptrace-guard", "tcptrace-ring", "tcptrace-out"])
             && v.iter()
@@ -115,18 +121,21 @@ fn threads_yield_with_priority_yield_only() {
     let out = t.stop();
     assert_eq!(of_type(&out, "summary")[0]["priority_claims"], 0);
 
-    for args in [&[][..], &["--priority", "normal"]] {
-        let mut all = vec!["--json", "--no-wire", "--port", &port];
-        all.extend_from_slice(args);
-        let t = Trace::start(&all);
-        let got = policies(t.pid(), |v| named(v, &["tcptrace-ring", "tcptrace-out"]));
-        assert!(
-            got.iter().all(|(_, p)| *p == libc::SCHED_OTHER)
-                && !got.iter().any(|(n, _)| n == "tcptrace-guard"),
-            "{args:?}: every thread SCHED_OTHER, and no guard: {got:?}"
-        );
-        t.stop();
-    }
+    let t = Trace::start(&[
+        "--json",
+        "--no-wire",
+        "--port",
+        &port,
+        "--priority",
+        "normal",
+    ]);
+    let got = policies(t.pid(), |v| named(v, &["tcptrace-ring", "tcptrace-out"]));
+    assert!(
+        got.iter().all(|(_, p)| *p == libc::SCHED_OTHER)
+            && !got.iter().any(|(n, _)| n == "tcptrace-guard"),
+        "--priority normal: every thread SCHED_OTHER, and no guard: {got:?}"
+    );
+    t.stop();
 }
 
 /// tcptrace pinned to a CPU that a busy loop keeps busy: yielding, its
@@ -160,13 +169,21 @@ fn a_starved_run_claims_the_cpu_and_loses_nothing() {
             }
         })
     };
-    // The connections from the other CPU when there is one.
-    let conns = 400;
+    // The connections from the other CPU when there is one, at a pace that
+    // a tracer sharing its CPU half and half with the busy loop keeps up
+    // with (once it claims): under emulation (the test VMs) every step is
+    // tens of times slower, so fewer, further apart; still 2-6 times what
+    // the ring holds, so that without the guard a starved run loses.
+    let (conns, pause) = if std::env::var_os("TCPTRACE_IN_VM").is_some() {
+        (150, Duration::from_millis(20))
+    } else {
+        (400, Duration::from_millis(2))
+    };
     let maker = std::thread::spawn(move || {
         if cpus() > 1 {
             pin(0, 1);
         }
-        open_and_close(port, conns, Duration::from_millis(2));
+        open_and_close(port, conns, pause);
     });
     maker.join().unwrap();
     // Let the last close (and the claimed readers) finish before the hog stops.
@@ -176,16 +193,23 @@ fn a_starved_run_claims_the_cpu_and_loses_nothing() {
     let out = t.stop();
     let summary = &of_type(&out, "summary")[0];
     let states = of_type(&out, "state").len() as u64;
-    assert_eq!(summary["lost"], 0, "{summary}");
     assert!(
         summary["priority_claims"].as_u64().unwrap() >= 1,
         "the guard never claimed the CPU: {summary}"
     );
+    let lost = summary["lost"].as_u64().unwrap();
+    if tcptrace::priority::claims_at_once() {
+        assert_eq!(lost, 0, "{summary}");
+    } else {
+        // CFS: the claimed threads may wait for the CPU (see priority.rs),
+        // why yielding is not the default there; what is lost is counted.
+        eprintln!("before Linux 6.6: {lost} events lost after the claim");
+    }
     // Every connection: client CLOSE→SYN_SENT→ESTABLISHED→FIN_WAIT1→
     // FIN_WAIT2→CLOSE, server LISTEN→SYN_RECV→ESTABLISHED→CLOSE_WAIT→
     // LAST_ACK→CLOSE: 10, plus the listener's two.
     assert!(
-        states >= conns * 10,
-        "{states} state changes for {conns} connections"
+        states + lost >= conns * 10,
+        "{states} state changes and {lost} lost for {conns} connections"
     );
 }

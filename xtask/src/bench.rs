@@ -81,10 +81,10 @@ pub struct BenchArgs {
     /// Do not compare with libbpf-tools' tcpstates even when installed.
     #[arg(long)]
     no_tcpstates: bool,
-    /// Leave out the storm rounds with `--priority yield` (tcptrace's
-    /// threads as SCHED_IDLE), measured beside the default for comparison.
+    /// Leave out the storm rounds with `--priority normal` (tcptrace's
+    /// threads not yielding the CPU), measured beside the default.
     #[arg(long)]
-    no_priority_yield: bool,
+    no_priority_normal: bool,
     /// Extra argument for every tcptrace run (repeatable), e.g.
     /// --tcptrace-arg=--ring-size=16777216.
     #[arg(long = "tcptrace-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -110,9 +110,9 @@ enum Cfg {
     None,
     NoWire,
     Wire,
-    /// The same two with `--priority yield`: what yielding the CPU buys.
-    NoWireYield,
-    WireYield,
+    /// The same two with `--priority normal`: what yielding the CPU buys.
+    NoWireNormal,
+    WireNormal,
     Tcpstates,
 }
 
@@ -122,8 +122,8 @@ impl Cfg {
             Cfg::None => "none",
             Cfg::NoWire => "tcptrace_no_wire",
             Cfg::Wire => "tcptrace_wire",
-            Cfg::NoWireYield => "tcptrace_no_wire_priority_yield",
-            Cfg::WireYield => "tcptrace_wire_priority_yield",
+            Cfg::NoWireNormal => "tcptrace_no_wire_priority_normal",
+            Cfg::WireNormal => "tcptrace_wire_priority_normal",
             Cfg::Tcpstates => "tcpstates",
         }
     }
@@ -133,8 +133,8 @@ impl Cfg {
             Cfg::None => "no tracer",
             Cfg::NoWire => "tcptrace --json --no-wire",
             Cfg::Wire => "tcptrace --json (wire on lo)",
-            Cfg::NoWireYield => "tcptrace --json --no-wire --priority yield",
-            Cfg::WireYield => "tcptrace --json --priority yield (wire on lo)",
+            Cfg::NoWireNormal => "tcptrace --json --no-wire --priority normal",
+            Cfg::WireNormal => "tcptrace --json --priority normal (wire on lo)",
             Cfg::Tcpstates => "tcpstates (libbpf-tools)",
         }
     }
@@ -142,7 +142,7 @@ impl Cfg {
     fn kind(self) -> Option<Kind> {
         match self {
             Cfg::None => None,
-            Cfg::NoWire | Cfg::Wire | Cfg::NoWireYield | Cfg::WireYield => Some(Kind::Tcptrace),
+            Cfg::NoWire | Cfg::Wire | Cfg::NoWireNormal | Cfg::WireNormal => Some(Kind::Tcptrace),
             Cfg::Tcpstates => Some(Kind::Tcpstates),
         }
     }
@@ -157,14 +157,14 @@ impl Cfg {
     fn args(self, port: u16, extra: &[String]) -> Vec<String> {
         let mut v: Vec<String> = match self {
             Cfg::None => vec![],
-            Cfg::NoWireYield | Cfg::WireYield => {
-                let base = if self == Cfg::NoWireYield {
+            Cfg::NoWireNormal | Cfg::WireNormal => {
+                let base = if self == Cfg::NoWireNormal {
                     Cfg::NoWire
                 } else {
                     Cfg::Wire
                 };
                 let mut v = base.args(port, extra);
-                v.extend(["--priority".into(), "yield".into()]);
+                v.extend(["--priority".into(), "normal".into()]);
                 return v;
             }
             Cfg::NoWire => vec![
@@ -225,8 +225,8 @@ impl PerConn {
     fn expected(&self, cfg: Cfg, conns: u64) -> u64 {
         match cfg {
             Cfg::None => 0,
-            Cfg::NoWire | Cfg::NoWireYield | Cfg::Tcpstates => self.expected_states(conns),
-            Cfg::Wire | Cfg::WireYield => {
+            Cfg::NoWire | Cfg::NoWireNormal | Cfg::Tcpstates => self.expected_states(conns),
+            Cfg::Wire | Cfg::WireNormal => {
                 self.expected_states(conns) + self.expected_segments(conns)
             }
         }
@@ -270,6 +270,7 @@ impl Run {
             j.set("skipped_by_kernel", self.missed);
             j.set("summary_events", o.summary_events);
             j.set("undecodable", o.undecodable);
+            j.set("priority_claimed_ms", o.priority_claimed_ms);
             j.set("cpu_user_s", u.user_s);
             j.set("cpu_sys_s", u.sys_s);
             j.set("maxrss_kb", u.maxrss_kb);
@@ -399,8 +400,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     if tracing && !a.no_storm {
         let mut cfgs = vec![Cfg::None, Cfg::NoWire, Cfg::Wire];
-        if !a.no_priority_yield {
-            cfgs.extend([Cfg::NoWireYield, Cfg::WireYield]);
+        if !a.no_priority_normal {
+            cfgs.extend([Cfg::NoWireNormal, Cfg::WireNormal]);
         }
         if ctx.bins.tcpstates.is_some() && !a.no_tcpstates {
             cfgs.push(Cfg::Tcpstates);
@@ -721,7 +722,7 @@ fn storm_scenario(
             let r = run_one(ctx, cfg, &storm_args, round, Some(pc), false)?;
             match &r.out {
                 Some(o) => eprintln!(
-                    "bench: round {}/{rounds} {}: {:.0} conn/s, {} of {} events, {} lost, {} skipped by the kernel, settled after {:.2} s",
+                    "bench: round {}/{rounds} {}: {:.0} conn/s, {} of {} events, {} lost, {} skipped by the kernel, settled after {:.2} s{}",
                     round + 1,
                     cfg.label(),
                     r.conn_per_s,
@@ -729,7 +730,13 @@ fn storm_scenario(
                     r.expected,
                     o.lost.map_or("?".into(), |l| l.to_string()),
                     r.missed.unwrap_or(0),
-                    r.drain_s.unwrap_or(0.0)
+                    r.drain_s.unwrap_or(0.0),
+                    match o.priority_claimed_ms {
+                        Some(ms) if matches!(cfg, Cfg::NoWire | Cfg::Wire) => {
+                            format!(", at normal priority for {ms} ms")
+                        }
+                        _ => String::new(),
+                    }
                 ),
                 None => eprintln!("bench: round {}/{rounds} {}: {:.0} conn/s", round + 1, cfg.label(), r.conn_per_s),
             }

@@ -19,6 +19,8 @@ pub struct Output {
     /// tcptrace's own event count (summary line).
     pub summary_events: Option<u64>,
     pub undecodable: Option<u64>,
+    /// `--priority yield`: how long tcptrace went back to normal priority.
+    pub priority_claimed_ms: Option<u64>,
     /// tcptrace connection records, by end_reason.
     pub records: BTreeMap<String, u64>,
     /// "OLD->NEW" state transitions, when asked for.
@@ -126,6 +128,7 @@ pub fn tcptrace(path: &Path, transitions: bool) -> Result<Output> {
             o.lost = json::field_u64(&line, "ring_full").or(json::field_u64(&line, "lost"));
             o.summary_events = json::field_u64(&line, "events");
             o.undecodable = json::field_u64(&line, "undecodable");
+            o.priority_claimed_ms = json::field_u64(&line, "priority_claimed_ms");
         }
     }
     o.chains.finish();
