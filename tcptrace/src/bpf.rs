@@ -110,7 +110,8 @@ pub fn preflight() -> Result<()> {
     check_tracepoint_format()
 }
 
-fn effective_caps() -> u64 {
+/// The process's effective capabilities (CapEff), as a bit set.
+pub(crate) fn effective_caps() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

@@ -16,7 +16,7 @@ use tcptrace::demo;
 use tcptrace::event::Event;
 use tcptrace::matcher::{Connection, Matcher, MatcherConfig};
 use tcptrace::output::Output;
-use tcptrace::priority::{Guard, RingFill, Threads};
+use tcptrace::priority::{self, Guard, RingFill, Threads};
 use tcptrace::reader::{self, monotonic_ns, Intake, Msg, ReaderStats, Reorder, Watermarks};
 use tcptrace::render::{self, Clock, Mode};
 use tcptrace_common::{Filter, AF_INET, AF_INET6, MAX_PORTS};
@@ -124,7 +124,7 @@ struct LiveArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
     ring_size: u32,
     /// CPU priority of tcptrace's threads [default: yield on Linux 6.6 and
-    /// later, normal before]. `yield`: they run as SCHED_IDLE, taking only
+    /// later when running with CAP_SYS_NICE (root), normal otherwise]. `yield`: they run as SCHED_IDLE, taking only
     /// CPU time the traced host leaves idle (its tasks preempt them at once),
     /// and go back to normal priority while a ring buffer is half full, so
     /// that yielding does not cost events (before 6.6 the scheduler may take
@@ -261,8 +261,11 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
         netns: a.netns.clone(),
     };
     let yielding = match a.priority {
+        Some(Priority::Yield) if !priority::can_claim() => bail!(
+            "--priority yield needs CAP_SYS_NICE, to take the CPU back when tcptrace falls behind: run as root, add the capability, or use --priority normal"
+        ),
         Some(p) => p == Priority::Yield,
-        None => tcptrace::priority::claims_at_once(),
+        None => priority::claims_at_once() && priority::can_claim(),
     };
     let threads = Threads::new(yielding);
     let rt = runtime(&threads)?;

@@ -25,7 +25,9 @@
 //! keeps the virtual runtime it accrued at idle weight, 340 times faster
 //! than at normal weight, and can wait a second or more for the CPU after a
 //! claim: in the 6.1 test VM a starved, claiming run still lost events where
-//! a normal-priority one would not. There the default is `normal`.
+//! a normal-priority one would not. There the default is `normal`, and
+//! also without CAP_SYS_NICE (tracing with CAP_BPF, CAP_PERFMON and
+//! CAP_NET_ADMIN alone), which leaving SCHED_IDLE needs.
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,6 +63,14 @@ pub fn claims_at_once() -> bool {
     // SAFETY: uname NUL-terminates release.
     let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
     kernel_at_least(&release.to_string_lossy(), (6, 6))
+}
+
+/// Whether the run may leave SCHED_IDLE again, which a claim needs: with
+/// CAP_SYS_NICE (root has it); without it the kernel refuses unless
+/// RLIMIT_NICE allows nice 0, which by default it does not.
+pub fn can_claim() -> bool {
+    const CAP_SYS_NICE: u32 = 23;
+    crate::bpf::effective_caps() & (1 << CAP_SYS_NICE) != 0
 }
 
 /// `release` (as `uname -r` prints it, "6.18.0-1-amd64") is `want` or later.

@@ -79,7 +79,7 @@ fn threads_yield_unless_priority_normal() {
     }
     let port = free_port().to_string();
     // The default on 6.6 and later; `normal` is the default before.
-    let default_yields = tcptrace::priority::claims_at_once();
+    let default_yields = tcptrace::priority::claims_at_once() && tcptrace::priority::can_claim();
     let t = if default_yields {
         Trace::start(&["--json", "--no-wire", "--port", &port])
     } else {
@@ -211,5 +211,66 @@ fn a_starved_run_claims_the_cpu_and_loses_nothing() {
     assert!(
         states + lost >= conns * 10,
         "{states} state changes and {lost} lost for {conns} connections"
+    );
+}
+
+/// `tcptrace ARGS` without CAP_SYS_NICE: dropped from the bounding set
+/// before exec, so root's new capabilities lack it.
+fn without_cap_sys_nice(args: &[&str]) -> std::process::Command {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = std::process::Command::new(tcptrace_bin());
+    cmd.args(args);
+    // SAFETY: prctl is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            const CAP_SYS_NICE: libc::c_ulong = 23;
+            if libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_NICE, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    cmd
+}
+
+/// Without CAP_SYS_NICE a yielding run could not take the CPU back: asking
+/// for it is refused with what to do, and the default does not yield.
+#[test]
+fn yield_without_cap_sys_nice_is_refused() {
+    if !need_root("yield_without_cap_sys_nice_is_refused") {
+        return;
+    }
+    let out = without_cap_sys_nice(&["--no-wire", "--priority", "yield", "--duration", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--priority yield needs CAP_SYS_NICE")
+            && stderr.contains("--priority normal"),
+        "{stderr}"
+    );
+    // The default falls back to normal and traces.
+    let port = free_port().to_string();
+    let mut child = without_cap_sys_nice(&["--json", "--no-wire", "--port", &port])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let ready = lines.any(|l| l.is_ok_and(|l| l.contains("tracing")));
+    let pid = child.id() as i32;
+    let got = policies(pid, |v| named(v, &["tcptrace-ring", "tcptrace-out"]));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(
+        ready && status.success(),
+        "tcptrace without CAP_SYS_NICE: {status}"
+    );
+    assert!(
+        got.iter().all(|(_, p)| *p == libc::SCHED_OTHER)
+            && !got.iter().any(|(n, _)| n == "tcptrace-guard"),
+        "without CAP_SYS_NICE every thread SCHED_OTHER, and no guard: {got:?}"
     );
 }
