@@ -124,12 +124,12 @@ struct LiveArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
     ring_size: u32,
     /// CPU priority of tcptrace's threads [default: yield on Linux 6.6 and
-    /// later when running with CAP_SYS_NICE (root), normal otherwise]. `yield`: they run as SCHED_IDLE, taking only
-    /// CPU time the traced host leaves idle (its tasks preempt them at once),
-    /// and go back to normal priority while a ring buffer is half full, so
-    /// that yielding does not cost events (before 6.6 the scheduler may take
-    /// a second to honour that). `normal`: they compete for the CPU like any
-    /// process.
+    /// later with CAP_SYS_NICE (root has it), normal otherwise]. `yield`:
+    /// they run as SCHED_IDLE, taking only CPU time the traced host leaves
+    /// idle (its tasks preempt them at once), and go back to normal priority
+    /// while a ring buffer is half full, so that yielding does not cost
+    /// events (before 6.6 the scheduler may take a second to honour that).
+    /// `normal`: they compete for the CPU like any process.
     #[arg(long, value_enum)]
     priority: Option<Priority>,
 }
@@ -358,12 +358,16 @@ fn trace(
 ) -> Result<()> {
     let rings = tracer.take_rings()?;
     let loggers = std::mem::take(&mut tracer.loggers);
+    let threads = run.threads.clone();
     let res = rt.block_on(async {
         for l in loggers {
             tokio::spawn(reader::forward_logs(l));
         }
         run_live(&tracer, rings, &mut signals, run).await
     });
+    // Also when the run failed (run_live ends yielding itself otherwise):
+    // detaching must not wait for an idle CPU.
+    threads.end();
     drop(signals);
     drop(rt);
     drop(tracer); // detaches everything, in the right namespaces
@@ -560,7 +564,7 @@ async fn run_live(
     }
     out.finish()?;
     if claims > 0 {
-        eprintln!("tcptrace: a ring buffer filled up {claims} times; tcptrace ran at normal priority for {claimed_ms} ms of the run to keep up");
+        eprintln!("tcptrace: a ring buffer was half full {claims} times; tcptrace ran at normal priority for {claimed_ms} ms of the run to keep up");
     }
     eprintln!(
         "tcptrace: {events} events, {lost} lost{}{}",
