@@ -346,7 +346,7 @@ impl Tracer {
             .iter()
             .filter_map(|i| i.att.ebpf.program("tcptrace_state"))
             .filter_map(|p| p.fd().ok())
-            .filter_map(|fd| recursion_misses(fd.as_fd().as_raw_fd()))
+            .filter_map(|fd| fdinfo_field(fd.as_fd().as_raw_fd(), "recursion_misses"))
             .sum()
     }
 
@@ -559,11 +559,11 @@ pub fn cleanup() -> Result<usize> {
     Ok(removed)
 }
 
-/// `recursion_misses:` from the program's fdinfo (aya's ProgramInfo does not
-/// carry it).
-fn recursion_misses(fd: std::os::fd::RawFd) -> Option<u64> {
+/// A numeric field of a BPF object's fdinfo (`recursion_misses` of a
+/// program, `max_entries` of a map): some are in no aya type.
+pub(crate) fn fdinfo_field(fd: std::os::fd::RawFd, field: &str) -> Option<u64> {
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
     info.lines()
-        .find_map(|l| l.strip_prefix("recursion_misses:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().parse().ok())
 }

@@ -133,6 +133,8 @@ pub struct Threads {
     tids: Mutex<Vec<libc::pid_t>>,
     /// Currently at normal priority although yielding was asked for.
     claimed: AtomicBool,
+    /// When (CLOCK_MONOTONIC ns) the current claim began.
+    claimed_at: AtomicU64,
     /// Nanoseconds spent claimed, and claims, for the summary.
     claimed_ns: AtomicU64,
     claims: AtomicU64,
@@ -145,6 +147,7 @@ impl Threads {
             yielding,
             tids: Mutex::new(Vec::new()),
             claimed: AtomicBool::new(false),
+            claimed_at: AtomicU64::new(0),
             claimed_ns: AtomicU64::new(0),
             claims: AtomicU64::new(0),
         })
@@ -175,12 +178,30 @@ impl Threads {
         }
     }
 
+    /// Every thread back to normal priority (the guard's claim).
+    fn claim(&self, now_ns: u64) {
+        self.claimed_at.store(now_ns, Ordering::Relaxed);
+        self.claimed.store(true, Ordering::Relaxed);
+        self.claims.fetch_add(1, Ordering::Relaxed);
+        self.set_all(libc::SCHED_OTHER);
+    }
+
+    /// Ends a claim, if there is one, counting its time; every thread to
+    /// `policy`.
+    fn unclaim(&self, now_ns: u64, policy: libc::c_int) {
+        if self.claimed.swap(false, Ordering::Relaxed) {
+            let since = self.claimed_at.load(Ordering::Relaxed);
+            self.claimed_ns.fetch_add(now_ns - since, Ordering::Relaxed);
+        }
+        self.set_all(policy);
+    }
+
     /// The run is ending: every thread back to normal priority, so that
     /// draining, the summary and detaching do not wait for an idle CPU.
     /// Call after the guard is dropped.
     pub fn end(&self) {
         if self.yielding {
-            self.set_all(libc::SCHED_OTHER);
+            self.unclaim(crate::reader::monotonic_ns(), libc::SCHED_OTHER);
         }
     }
 
@@ -222,12 +243,7 @@ unsafe impl Send for RingFill {}
 impl RingFill {
     pub fn new(ring: BorrowedFd<'_>) -> Result<RingFill> {
         let fd = ring.as_raw_fd();
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
-            .context("reading the ring buffer's fdinfo")?;
-        let size: u64 = info
-            .lines()
-            .find_map(|l| l.strip_prefix("max_entries:"))
-            .and_then(|v| v.trim().parse().ok())
+        let size = crate::bpf::fdinfo_field(fd, "max_entries")
             .context("no max_entries in the ring buffer's fdinfo")?;
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
@@ -294,34 +310,17 @@ impl Guard {
                 // SAFETY: gettid has no preconditions.
                 set_policy(unsafe { libc::gettid() }, libc::SCHED_OTHER);
                 let mut policy = Policy::default();
-                let mut claimed_at = 0;
                 while !stopping.load(Ordering::Relaxed) {
                     std::thread::sleep(EVERY);
                     let now = crate::reader::monotonic_ns();
                     let fill = rings.iter().map(RingFill::fill).fold(0.0, f64::max);
                     match policy.observe(now, fill) {
                         Verdict::Stay => {}
-                        Verdict::Claim => {
-                            threads.claimed.store(true, Ordering::Relaxed);
-                            threads.set_all(libc::SCHED_OTHER);
-                            threads.claims.fetch_add(1, Ordering::Relaxed);
-                            claimed_at = now;
-                        }
-                        Verdict::Yield => {
-                            threads.claimed.store(false, Ordering::Relaxed);
-                            threads.set_all(libc::SCHED_IDLE);
-                            threads
-                                .claimed_ns
-                                .fetch_add(now - claimed_at, Ordering::Relaxed);
-                        }
+                        Verdict::Claim => threads.claim(now),
+                        Verdict::Yield => threads.unclaim(now, libc::SCHED_IDLE),
                     }
                 }
-                if threads.claimed.load(Ordering::Relaxed) {
-                    let now = crate::reader::monotonic_ns();
-                    threads
-                        .claimed_ns
-                        .fetch_add(now - claimed_at, Ordering::Relaxed);
-                }
+                // A claim still running is counted by `Threads::end`.
             })?;
         Ok(Some(Guard {
             stop,
