@@ -104,7 +104,11 @@ pub struct Filter {
     pub off_fdt_fd: u32,
     pub off_file_private_data: u32,
     pub off_socket_sk: u32,
-    pub _pad: u32,
+    /// Fill of the ring buffer, in bytes, at which a record wakes the
+    /// reader; below it records are submitted without a wakeup and the
+    /// reader finds them when it polls (see `submit_flags` in the eBPF
+    /// crate). 0 wakes for every record past the reader.
+    pub wake_bytes: u32,
 }
 
 impl Filter {
@@ -125,7 +129,7 @@ impl Filter {
             off_fdt_fd: 0,
             off_file_private_data: 0,
             off_socket_sk: 0,
-            _pad: 0,
+            wake_bytes: 0,
         }
     }
 }

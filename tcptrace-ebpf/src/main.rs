@@ -64,6 +64,15 @@ const TCP_LAST_ACK: i32 = 9;
 const TCP_LISTEN: i32 = 10;
 
 const IPPROTO_TCP: u8 = 6;
+
+// bpf_ringbuf_query / bpf_ringbuf_submit flags (uapi/linux/bpf.h).
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+/// A record's room in the ring: the kernel's 8-byte header, then the
+/// event rounded up to 8 bytes.
+const RECORD_STATE: u64 = 8 + (core::mem::size_of::<StateEvent>() as u64 + 7) / 8 * 8;
+const RECORD_SEGMENT: u64 = 8 + (core::mem::size_of::<SegmentEvent>() as u64 + 7) / 8 * 8;
 const TC_ACT_UNSPEC: i32 = -1;
 
 const TH_FIN: u8 = 0x01;
@@ -137,6 +146,28 @@ fn wanted(family: u16, local: &Addr, remote: &Addr, lport: u16, rport: u16) -> b
         return false;
     }
     true
+}
+
+/// `bpf_ringbuf_submit` flags. The kernel's default wakes the reader for
+/// the first record after it has caught up, so after nearly every read: an
+/// interrupt on the traced host's CPU each time (in a VM, a VM exit). The
+/// reader polls on its own every few tens of milliseconds, so records go
+/// without a wakeup; only the one that takes the ring past `wake_bytes`
+/// forces one, so that a burst is read before the ring fills. (Two CPUs
+/// crossing at once can both miss it; the reader's poll still comes.)
+#[inline(always)]
+fn submit_flags(record: u64) -> u64 {
+    let wake = filter().wake_bytes as u64;
+    if wake == 0 {
+        return 0;
+    }
+    // Counts what is reserved, this record included.
+    let fill = EVENTS.query(BPF_RB_AVAIL_DATA);
+    if fill >= wake && fill < wake + record {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
 }
 
 #[inline(always)]
@@ -317,7 +348,7 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
                     *(core::ptr::addr_of_mut!((*ev).comm) as *mut [u64; 2]) =
                         *(info.comm.as_ptr() as *const [u64; 2]);
                 }
-                entry.submit(0);
+                entry.submit(submit_flags(RECORD_STATE));
             }
             None => {
                 // Once per CPU: LOST counts every drop, and a log line per
@@ -665,7 +696,7 @@ fn parse_segment<H: Headers>(ctx: &TcContext, h: &H, dir: u8, l2_len: usize) -> 
                 }
                 (*ev).opt_len = (i * 4) as u8;
             }
-            entry.submit(0);
+            entry.submit(submit_flags(RECORD_SEGMENT));
         }
         None => {
             count_lost();
