@@ -104,10 +104,10 @@ pub struct Filter {
     pub off_fdt_fd: u32,
     pub off_file_private_data: u32,
     pub off_socket_sk: u32,
-    /// Fill of the ring buffer, in bytes, at which a record wakes the
-    /// reader; below it records are submitted without a wakeup and the
-    /// reader finds them when it polls (see `submit_flags` in the eBPF
-    /// crate). 0 wakes for every record past the reader.
+    /// One record in every `wake_bytes` of records written wakes the
+    /// reader; the others are submitted without a wakeup and the reader
+    /// finds them when it polls (see `submit_flags` in the eBPF crate).
+    /// 0 wakes for every record past the reader (the kernel's default).
     pub wake_bytes: u32,
 }
 

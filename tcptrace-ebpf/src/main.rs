@@ -66,7 +66,7 @@ const TCP_LISTEN: i32 = 10;
 const IPPROTO_TCP: u8 = 6;
 
 // bpf_ringbuf_query / bpf_ringbuf_submit flags (uapi/linux/bpf.h).
-const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_PROD_POS: u64 = 3;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 /// A record's room in the ring: the kernel's 8-byte header, then the
@@ -152,18 +152,19 @@ fn wanted(family: u16, local: &Addr, remote: &Addr, lport: u16, rport: u16) -> b
 /// the first record after it has caught up, so after nearly every read: an
 /// interrupt on the traced host's CPU each time (in a VM, a VM exit). The
 /// reader polls on its own every few tens of milliseconds, so records go
-/// without a wakeup; only the one that takes the ring past `wake_bytes`
-/// forces one, so that a burst is read before the ring fills. (Two CPUs
-/// crossing at once can both miss it; the reader's poll still comes.)
+/// without a wakeup, except one in every `wake_bytes` of records produced,
+/// which forces one: a burst is read before the ring fills, whether the
+/// reader is keeping up or not. (Two CPUs reserving at once can make that
+/// one record go without, or two records wake; the next still comes.)
 #[inline(always)]
 fn submit_flags(record: u64) -> u64 {
     let wake = filter().wake_bytes as u64;
     if wake == 0 {
         return 0;
     }
-    // Counts what is reserved, this record included.
-    let fill = EVENTS.query(BPF_RB_AVAIL_DATA);
-    if fill >= wake && fill < wake + record {
+    // Where the producer is, this record included.
+    let produced = EVENTS.query(BPF_RB_PROD_POS);
+    if produced / wake != produced.wrapping_sub(record) / wake {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
