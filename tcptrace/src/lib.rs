@@ -11,7 +11,8 @@
 //! - [`matcher`]: events → one explained record per connection (pure; this is
 //!   where a segment becomes a timeline step).
 //! - [`render`] and [`timeline`]: lines, JSON and timelines for people and scripts;
-//!   [`output`] writes a live run's records on a thread of its own.
+//!   [`output`] writes a live run's records on a thread of its own; [`text`]
+//!   assembles numbers and explanations without `fmt`.
 //! - [`priority`]: a live run's threads take only CPU time the traced
 //!   workload leaves idle, unless they fall behind.
 pub mod bpf;
@@ -26,4 +27,5 @@ pub mod pcap;
 pub mod priority;
 pub mod reader;
 pub mod render;
+pub mod text;
 pub mod timeline;

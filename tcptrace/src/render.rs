@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::event::{Comm, Dir, Event, Family, Segment, StateChange, TcpOptions};
 use crate::matcher::{Anomaly, Connection, Observation, SocketStates, Step, TimeWait, Views};
+use crate::text::decimal;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -249,36 +250,6 @@ pub fn write_event_json<W: Write + ?Sized>(out: &mut W, ev: &Event) -> io::Resul
 /// (`connection_json_matches_serde` and the tests below check it).
 fn write_connection_json<W: Write + ?Sized>(out: &mut W, c: &Connection) -> io::Result<()> {
     with_line(out, |j| j.connection(c))
-}
-
-/// `v` in decimal, left-aligned in `d`; returns the number of digits.
-fn decimal(mut v: u64, d: &mut [u8; 20]) -> usize {
-    /// "00", "01", …, "99": two digits per division.
-    const PAIRS: [u8; 200] = {
-        let mut t = [0; 200];
-        let mut i = 0;
-        while i < 100 {
-            t[2 * i] = b'0' + (i / 10) as u8;
-            t[2 * i + 1] = b'0' + (i % 10) as u8;
-            i += 1;
-        }
-        t
-    };
-    let n = v.checked_ilog10().map_or(1, |l| l as usize + 1);
-    let mut i = n;
-    while v >= 100 {
-        let r = (v % 100) as usize * 2;
-        v /= 100;
-        i -= 2;
-        d[i..i + 2].copy_from_slice(&PAIRS[r..r + 2]);
-    }
-    if v >= 10 {
-        let r = v as usize * 2;
-        d[..2].copy_from_slice(&PAIRS[r..r + 2]);
-    } else {
-        d[0] = b'0' + v as u8;
-    }
-    n
 }
 
 /// The JSON line being assembled. Keys are fixed ASCII (see [`key!`]);
@@ -1031,21 +1002,6 @@ mod tests {
             buf.clear();
             Json { buf: &mut buf }.ipv4(ip);
             assert_eq!(std::str::from_utf8(&buf), Ok(ip.to_string().as_str()));
-        }
-    }
-
-    #[test]
-    fn decimal_prints_as_display() {
-        let mut values = vec![0, u64::MAX, u64::MAX - 1];
-        for p in 0..20 {
-            let t = 10u64.pow(p);
-            values.extend([t - 1, t, t + 1]);
-            values.extend(t.checked_mul(5).map(|f| f + 3));
-        }
-        for v in values {
-            let mut d = [0; 20];
-            let n = decimal(v, &mut d);
-            assert_eq!(std::str::from_utf8(&d[..n]), Ok(v.to_string().as_str()));
         }
     }
 

@@ -11,10 +11,10 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fmt;
 use std::net::SocketAddr;
 
 use crate::event::{Dir, Event, Family, Segment, StateChange, TcpState};
+use crate::text::text;
 
 use super::model::*;
 use super::{seq_ge, Dropped, Key, MatcherConfig};
@@ -418,10 +418,12 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                     if syn_times.is_empty() {
                         name = "SYN".into();
                         rule = Some("SYN seq=x".into());
-                        explain = format!(
-                            "x = {}: the client opens (active open) with its initial sequence number and enters SYN_SENT",
-                            seg.seq
-                        ).into();
+                        explain = text![
+                            "x = ",
+                            seg.seq,
+                            ": the client opens (active open) with its initial sequence number and enters SYN_SENT",
+                        ]
+                        .into();
                     } else {
                         retrans = true;
                         let gap = ts.saturating_sub(*syn_times.last().unwrap_or(&ts));
@@ -490,10 +492,12 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                     ).into();
                 } else {
                     name = "SYN-ACK".into();
-                    explain = format!(
-                        "y = {}: the server accepts, acknowledging x+1 and choosing its own initial sequence number",
-                        seg.seq
-                    ).into();
+                    explain = text![
+                        "y = ",
+                        seg.seq,
+                        ": the server accepts, acknowledging x+1 and choosing its own initial sequence number",
+                    ]
+                    .into();
                 }
                 if from == Side::Server {
                     synack_seen.push(seg.seq);
@@ -618,24 +622,46 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                             first_closer = Some(from);
                             name = "FIN".into();
                             rule = Some("FIN seq=u".into());
-                            explain = format!(
-                                "u = {v}: the {who} closes its sending direction first (active close) and enters FIN_WAIT1"
-                            ).into();
+                            explain = text![
+                                "u = ",
+                                v,
+                                ": the ",
+                                who,
+                                " closes its sending direction first (active close) and enters FIN_WAIT1",
+                            ]
+                            .into();
                         } else if acks_fin {
                             close_kind.get_or_insert(Close::ThreeSegment);
                             name = "FIN+ACK".into();
                             rule = Some("FIN seq=w, ACK ack=u+1".into());
-                            explain = format!(
-                                "w = {v}, u+1 = {}: the {who}'s FIN rides on its ACK of the {peer}'s FIN — three-segment close; {who} LAST_ACK, {peer} FIN_WAIT2",
-                                rel(from.peer(), seg.ack)
-                            ).into();
+                            explain = text![
+                                "w = ",
+                                v,
+                                ", u+1 = ",
+                                rel(from.peer(), seg.ack),
+                                ": the ",
+                                who,
+                                "'s FIN rides on its ACK of the ",
+                                peer,
+                                "'s FIN — three-segment close; ",
+                                who,
+                                " LAST_ACK, ",
+                                peer,
+                                " FIN_WAIT2",
+                            ]
+                            .into();
                         } else if fin_acked_by[p].is_some() {
                             close_kind.get_or_insert(Close::FourSegment);
                             name = "FIN".into();
                             rule = Some("FIN seq=w".into());
-                            explain = format!(
-                                "w = {v}: the {who} closes too, CLOSE_WAIT → LAST_ACK — four-segment close"
-                            ).into();
+                            explain = text![
+                                "w = ",
+                                v,
+                                ": the ",
+                                who,
+                                " closes too, CLOSE_WAIT → LAST_ACK — four-segment close",
+                            ]
+                            .into();
                         } else {
                             close_kind.get_or_insert(Close::Simultaneous);
                             name = "FIN (simultaneous close)".into();
@@ -661,13 +687,53 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 );
                 let n = rel(from.peer(), seg.ack);
                 explain = if fin[s].is_some() && close_kind == Some(Close::Simultaneous) {
-                    format!("{l}+1 = {n}: the {who} acknowledges the {peer}'s FIN; the {peer} leaves CLOSING for TIME_WAIT")
+                    text![
+                        l,
+                        "+1 = ",
+                        n,
+                        ": the ",
+                        who,
+                        " acknowledges the ",
+                        peer,
+                        "'s FIN; the ",
+                        peer,
+                        " leaves CLOSING for TIME_WAIT"
+                    ]
                 } else if fin[s].is_some() {
-                    format!("{l}+1 = {n}: close complete; the {who} enters TIME_WAIT, the {peer} CLOSED")
+                    text![
+                        l,
+                        "+1 = ",
+                        n,
+                        ": close complete; the ",
+                        who,
+                        " enters TIME_WAIT, the ",
+                        peer,
+                        " CLOSED"
+                    ]
                 } else if seg.len > 0 {
-                    format!("{l}+1 = {n}, with data: half-close — the {who} (CLOSE_WAIT) keeps sending, the {peer} (FIN_WAIT2) keeps receiving")
+                    text![
+                        l,
+                        "+1 = ",
+                        n,
+                        ", with data: half-close — the ",
+                        who,
+                        " (CLOSE_WAIT) keeps sending, the ",
+                        peer,
+                        " (FIN_WAIT2) keeps receiving"
+                    ]
                 } else {
-                    format!("{l}+1 = {n}: the {peer} moves to FIN_WAIT2, the {who} to CLOSE_WAIT (half-closed: the {who} may still send)")
+                    text![
+                        l,
+                        "+1 = ",
+                        n,
+                        ": the ",
+                        peer,
+                        " moves to FIN_WAIT2, the ",
+                        who,
+                        " to CLOSE_WAIT (half-closed: the ",
+                        who,
+                        " may still send)"
+                    ]
                 }
                 .into();
                 named = true;
@@ -990,12 +1056,15 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                 rel_ns: ts0.saturating_sub(first_ts),
                 source: "kernel",
                 expected_ns: TIMEWAIT_LEN_NS,
-                detail: format!(
-                    "the kernel reported → CLOSE for the {} socket; a timewait socket (not traced) now holds {} ↔ {} for 60 s",
+                detail: text![
+                    "the kernel reported → CLOSE for the ",
                     side.name(),
-                    Endpoint(client),
-                    Endpoint(server)
-                ),
+                    " socket; a timewait socket (not traced) now holds ",
+                    client,
+                    " ↔ ",
+                    server,
+                    " for 60 s",
+                ],
             });
         } else if close_complete_wire && close != Close::Reset {
             let last_fin_side = if fin_step[0] > fin_step[1] { 0 } else { 1 };
@@ -1019,12 +1088,15 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
                     rel_ns: ts.saturating_sub(first_ts),
                     source: "wire",
                     expected_ns: TIMEWAIT_LEN_NS,
-                    detail: format!(
-                        "the {} sent the last ACK of the close; its timewait socket holds {} ↔ {} for 60 s",
+                    detail: text![
+                        "the ",
                         side.name(),
-                        Endpoint(client),
-                        Endpoint(server)
-                    ),
+                        " sent the last ACK of the close; its timewait socket holds ",
+                        client,
+                        " ↔ ",
+                        server,
+                        " for 60 s",
+                    ],
                 });
             }
         }
@@ -1234,17 +1306,24 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
         let bs = st.bytes_server.unwrap_or(0);
         let rx = st.retransmissions.unwrap_or(0);
         let dur = st.end_ts_ns.unwrap_or(st.ts_ns).saturating_sub(st.ts_ns);
-        st.explain = format!(
-            "{n} segment{} in {}: {bc} B from the client, {bs} B from the server{}",
-            if n == 1 { "" } else { "s" },
-            crate::timeline::human_duration(dur),
-            if rx > 0 {
-                format!(", {rx} retransmitted")
+        let mut explain = text![
+            n,
+            if n == 1 {
+                " segment in "
             } else {
-                String::new()
-            }
-        )
-        .into();
+                " segments in "
+            },
+            crate::timeline::human_duration(dur),
+            ": ",
+            bc,
+            " B from the client, ",
+            bs,
+            " B from the server",
+        ];
+        if rx > 0 {
+            explain += &text![", ", rx, " retransmitted"];
+        }
+        st.explain = explain.into();
     }
     if dropped.iter().any(|d| d.segments > 0) {
         let mut st = Step::new(
@@ -1360,36 +1439,6 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
         anomalies,
         states,
         time_wait,
-    }
-}
-
-/// Displays as the `SocketAddr` it holds. Nearly every connection's
-/// TIME_WAIT detail names both ends, and core::fmt's IPv4 Display (five
-/// integers, each through the formatter) cost more than the rest of it.
-struct Endpoint(SocketAddr);
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let SocketAddr::V4(a) = self.0 else {
-            return self.0.fmt(f);
-        };
-        // "255.255.255.255:65535"
-        let mut text = [0u8; 21];
-        let mut len = 0;
-        let mut n = itoa::Buffer::new();
-        let mut put = |piece: &[u8]| {
-            text[len..len + piece.len()].copy_from_slice(piece);
-            len += piece.len();
-        };
-        for (i, octet) in a.ip().octets().into_iter().enumerate() {
-            if i > 0 {
-                put(b".");
-            }
-            put(n.format(octet).as_bytes());
-        }
-        put(b":");
-        put(n.format(a.port()).as_bytes());
-        f.pad(std::str::from_utf8(&text[..len]).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -1619,8 +1668,8 @@ fn pred_text(who: Who, pred: Pred, side: Side) -> String {
         Pred::Rst => "RST",
     };
     match who {
-        Who::Sent => format!("{p} from the {}", side.name()),
-        Who::Received => format!("{p} from the {}", side.peer().name()),
+        Who::Sent => text![p, " from the ", side.name()],
+        Who::Received => text![p, " from the ", side.peer().name()],
         Who::Either => p.to_string(),
     }
 }
@@ -1756,22 +1805,6 @@ mod tests {
             for new in states.clone() {
                 assert_eq!(transition_name(old, new), format!("{old} → {new}"));
             }
-        }
-    }
-
-    #[test]
-    fn endpoints_display_as_socket_addresses() {
-        for a in [
-            "0.0.0.0:0",
-            "127.0.0.1:80",
-            "10.20.255.9:54321",
-            "255.255.255.255:65535",
-            "[2001:db8::1]:443",
-            "[::ffff:1.2.3.4]:8080",
-        ] {
-            let a: SocketAddr = a.parse().expect("literal");
-            assert_eq!(Endpoint(a).to_string(), a.to_string());
-            assert_eq!(format!("{:>24}", Endpoint(a)), format!("{a:>24}"));
         }
     }
 }

@@ -1,0 +1,163 @@
+//! Text assembled without `fmt`: the JSON writer's numbers, and the
+//! explanations the matcher writes for every connection. `format!` goes
+//! through a formatter for every piece; for a wire step's explanation
+//! ("y = 2739126410: the server accepts, …") that was an eighth of what
+//! analysing a connection cost.
+use std::net::SocketAddr;
+
+/// `v` in decimal, left-aligned in `d`; returns the number of digits.
+pub fn decimal(mut v: u64, d: &mut [u8; 20]) -> usize {
+    /// "00", "01", …, "99": two digits per division.
+    const PAIRS: [u8; 200] = {
+        let mut t = [0; 200];
+        let mut i = 0;
+        while i < 100 {
+            t[2 * i] = b'0' + (i / 10) as u8;
+            t[2 * i + 1] = b'0' + (i % 10) as u8;
+            i += 1;
+        }
+        t
+    };
+    let n = v.checked_ilog10().map_or(1, |l| l as usize + 1);
+    let mut i = n;
+    while v >= 100 {
+        let r = (v % 100) as usize * 2;
+        v /= 100;
+        i -= 2;
+        d[i..i + 2].copy_from_slice(&PAIRS[r..r + 2]);
+    }
+    if v >= 10 {
+        let r = v as usize * 2;
+        d[..2].copy_from_slice(&PAIRS[r..r + 2]);
+    } else {
+        d[0] = b'0' + v as u8;
+    }
+    n
+}
+
+/// `format!` for texts made of string pieces and unsigned numbers (see
+/// [`Piece`]), in one `String` sized up front:
+/// `text!["y = ", seq, ": the server accepts"]`.
+macro_rules! text {
+    ($($piece:expr),+ $(,)?) => {{
+        let mut t = String::with_capacity(160);
+        $( $crate::text::Piece::append(&$piece, &mut t); )+
+        t
+    }};
+}
+pub(crate) use text;
+
+/// What [`text!`] appends: as `Display` prints it.
+pub trait Piece {
+    fn append(&self, t: &mut String);
+}
+
+impl Piece for &str {
+    fn append(&self, t: &mut String) {
+        t.push_str(self);
+    }
+}
+
+impl Piece for String {
+    fn append(&self, t: &mut String) {
+        t.push_str(self);
+    }
+}
+
+impl Piece for u64 {
+    fn append(&self, t: &mut String) {
+        let mut d = [0; 20];
+        let n = decimal(*self, &mut d);
+        t.push_str(std::str::from_utf8(&d[..n]).unwrap_or_default());
+    }
+}
+
+impl Piece for u32 {
+    fn append(&self, t: &mut String) {
+        u64::from(*self).append(t);
+    }
+}
+
+impl Piece for usize {
+    fn append(&self, t: &mut String) {
+        (*self as u64).append(t);
+    }
+}
+
+/// As `Display` prints it. IPv4 is written piece by piece: nearly every
+/// connection's TIME_WAIT detail names both ends, and `Display` goes
+/// through the formatter for each octet and the port.
+impl Piece for SocketAddr {
+    fn append(&self, t: &mut String) {
+        let SocketAddr::V4(a) = self else {
+            use std::fmt::Write as _;
+            let _ = write!(t, "{self}");
+            return;
+        };
+        for (i, octet) in a.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                t.push('.');
+            }
+            u64::from(octet).append(t);
+        }
+        t.push(':');
+        u64::from(a.port()).append(t);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_prints_as_display() {
+        let mut values = vec![0, u64::MAX, u64::MAX - 1];
+        for p in 0..20 {
+            let t = 10u64.pow(p);
+            values.extend([t - 1, t, t + 1]);
+            values.extend(t.checked_mul(5).map(|f| f + 3));
+        }
+        for v in values {
+            let mut d = [0; 20];
+            let n = decimal(v, &mut d);
+            assert_eq!(std::str::from_utf8(&d[..n]), Ok(v.to_string().as_str()));
+        }
+    }
+
+    #[test]
+    fn text_reads_as_format() {
+        let (seq, n, who) = (2_739_126_410u32, 3usize, "server");
+        let addr: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        assert_eq!(
+            text![
+                "y = ",
+                seq,
+                ": the ",
+                who,
+                " sent ",
+                n,
+                " to ",
+                addr,
+                "",
+                u64::MAX
+            ],
+            format!("y = {seq}: the {who} sent {n} to {addr}{}", u64::MAX)
+        );
+        assert_eq!(text![String::from("only")], "only");
+    }
+
+    #[test]
+    fn socket_addresses_read_as_display() {
+        for a in [
+            "0.0.0.0:0",
+            "127.0.0.1:80",
+            "10.20.255.9:54321",
+            "255.255.255.255:65535",
+            "[2001:db8::1]:443",
+            "[::ffff:1.2.3.4]:8080",
+        ] {
+            let a: SocketAddr = a.parse().expect("literal");
+            assert_eq!(text![a], a.to_string());
+        }
+    }
+}
