@@ -104,11 +104,7 @@ pub struct Filter {
     pub off_fdt_fd: u32,
     pub off_file_private_data: u32,
     pub off_socket_sk: u32,
-    /// One record in every `wake_bytes` of records written wakes the
-    /// reader; the others are submitted without a wakeup and the reader
-    /// finds them when it polls (see `submit_flags` in the eBPF crate).
-    /// 0 wakes for every record past the reader (the kernel's default).
-    pub wake_bytes: u32,
+    pub _pad: u32,
 }
 
 impl Filter {
@@ -129,7 +125,7 @@ impl Filter {
             off_fdt_fd: 0,
             off_file_private_data: 0,
             off_socket_sk: 0,
-            wake_bytes: 0,
+            _pad: 0,
         }
     }
 }

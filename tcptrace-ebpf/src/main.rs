@@ -64,15 +64,6 @@ const TCP_LAST_ACK: i32 = 9;
 const TCP_LISTEN: i32 = 10;
 
 const IPPROTO_TCP: u8 = 6;
-
-// bpf_ringbuf_query / bpf_ringbuf_submit flags (uapi/linux/bpf.h).
-const BPF_RB_PROD_POS: u64 = 3;
-const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
-/// A record's room in the ring: the kernel's 8-byte header, then the
-/// event rounded up to 8 bytes.
-const RECORD_STATE: u64 = 8 + (core::mem::size_of::<StateEvent>() as u64 + 7) / 8 * 8;
-const RECORD_SEGMENT: u64 = 8 + (core::mem::size_of::<SegmentEvent>() as u64 + 7) / 8 * 8;
 const TC_ACT_UNSPEC: i32 = -1;
 
 const TH_FIN: u8 = 0x01;
@@ -146,29 +137,6 @@ fn wanted(family: u16, local: &Addr, remote: &Addr, lport: u16, rport: u16) -> b
         return false;
     }
     true
-}
-
-/// `bpf_ringbuf_submit` flags. The kernel's default wakes the reader for
-/// the first record after it has caught up, so after nearly every read: an
-/// interrupt on the traced host's CPU each time (in a VM, a VM exit). The
-/// reader polls on its own every few tens of milliseconds, so records go
-/// without a wakeup, except one in every `wake_bytes` of records produced,
-/// which forces one: a burst is read before the ring fills, whether the
-/// reader is keeping up or not. (Two CPUs reserving at once can make that
-/// one record go without, or two records wake; the next still comes.)
-#[inline(always)]
-fn submit_flags(record: u64) -> u64 {
-    let wake = filter().wake_bytes as u64;
-    if wake == 0 {
-        return 0;
-    }
-    // Where the producer is, this record included.
-    let produced = EVENTS.query(BPF_RB_PROD_POS);
-    if produced / wake != produced.wrapping_sub(record) / wake {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    }
 }
 
 #[inline(always)]
@@ -349,7 +317,7 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
                     *(core::ptr::addr_of_mut!((*ev).comm) as *mut [u64; 2]) =
                         *(info.comm.as_ptr() as *const [u64; 2]);
                 }
-                entry.submit(submit_flags(RECORD_STATE));
+                entry.submit(0);
             }
             None => {
                 // Once per CPU: LOST counts every drop, and a log line per
@@ -697,7 +665,7 @@ fn parse_segment<H: Headers>(ctx: &TcContext, h: &H, dir: u8, l2_len: usize) -> 
                 }
                 (*ev).opt_len = (i * 4) as u8;
             }
-            entry.submit(submit_flags(RECORD_SEGMENT));
+            entry.submit(0);
         }
         None => {
             count_lost();

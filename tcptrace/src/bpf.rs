@@ -238,10 +238,6 @@ impl Tracer {
             Err(e) => log::warn!("accept() will not refine socket owners: {e:#}"),
         }
         filter.netns = tracer.home.inode;
-        // A wakeup per quarter of the ring written: a burst wakes the
-        // reader long before the ring fills; between them, its poll
-        // (reader::IDLE_REPORT) finds the records.
-        filter.wake_bytes = cfg.ring_size / 4;
         let (mut ebpf, logger) = load_instance(cfg, &filter)?;
         tracer.loggers.extend(logger);
         {

@@ -189,9 +189,7 @@ pub async fn read_ring(ring: RingBuf<MapData>, mut r: Reader) -> Result<()> {
     // fresh pages, each a page fault.
     let mut lines = Lines::default();
     loop {
-        // Waits for data, but not forever: the kernel wakes us only once
-        // per quarter of the ring written (`Filter::wake_bytes`), so this
-        // poll is what reads ordinary traffic; and an idle ring still says it is
+        // Waits for data, but not forever: an idle ring still says it is
         // empty, or the matcher would hold the other rings' events for it.
         let more = match tokio::time::timeout(IDLE_REPORT, fd.readable_mut()).await {
             Ok(guard) => {
@@ -302,12 +300,10 @@ pub const COMMIT_MARGIN_NS: u64 = 5_000_000;
 /// The longest events wait for a ring that does not report.
 pub const MAX_HOLD_NS: u64 = 1_000_000_000;
 
-/// How often a ring is read when the kernel does not wake its reader (it
-/// does once per quarter of the ring written): the longest an event waits in the
-/// ring, the longest the events of other rings wait for an idle one's
-/// report that it is empty, and the longest a finished connection waits
+/// How often an idle ring reports that it is empty: the longest the events
+/// of other rings wait for it, and the longest a finished connection waits
 /// for the matcher's clock (which follows the reports) once traffic stops.
-/// 40 wakeups a second, idle or not.
+/// A lone ring reports too, for that clock: 40 wakeups a second when idle.
 pub const IDLE_REPORT: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns.

@@ -168,12 +168,11 @@ fn veth_ipv6_transitions() {
     }
 }
 
-/// The kernel wakes tcptrace's reader only once per quarter of a ring
-/// written; otherwise the reader reads every 25 ms. A steady stream that
-/// would fill a 64 KiB ring (about 480 state changes) twice between two
-/// such reads is read as it comes: without the forced wakeups this run
-/// lost a fifth to a third of it on the host. (Under emulation, the test
-/// VMs, the stream is too slow to fill the ring between two reads.)
+/// A steady stream that would fill a 64 KiB ring (about 480 state changes)
+/// twice in 25 ms is read as it comes: the kernel must wake the reader in
+/// time (records submitted without a wakeup, read every 25 ms, lost a
+/// fifth to a third of this run on the host). Under emulation, the test
+/// VMs, the stream is slower.
 #[test]
 fn a_burst_wakes_the_reader_before_the_ring_fills() {
     if !need_root("a_burst_wakes_the_reader_before_the_ring_fills") {
