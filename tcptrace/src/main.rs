@@ -451,7 +451,11 @@ async fn run_live(
             " (TC via netlink)"
         }
     );
+    // Whether a slice of matching left events due (see MATCH_SLICE).
+    let mut more = false;
     'run: loop {
+        let wait_for_flush = !more;
+        let flush = &mut flush;
         tokio::select! {
             msg = rx.recv() => {
                 let mut batch = match msg {
@@ -473,13 +477,23 @@ async fn run_live(
                     break 'run;
                 }
             }
-            _ = flush.tick(), if matching && !order.is_empty() => {
+            _ = async move {
+                if wait_for_flush {
+                    flush.tick().await;
+                }
+            }, if matching && !order.is_empty() => {
                 let cutoff = marks.cutoff(monotonic_ns());
+                let mut matched = 0;
                 while let Some(ev) = order.pop_older(cutoff) {
                     for c in matcher.push(ev) {
                         emit(&mut out, &c)?;
                     }
+                    matched += 1;
+                    if matched == MATCH_SLICE {
+                        break;
+                    }
                 }
+                more = matched == MATCH_SLICE;
                 out.flush()?;
             }
             _ = tick.tick() => {
@@ -586,6 +600,13 @@ const QUEUED_BATCHES: usize = 256;
 
 /// How often events that every ring has been read past go to the matcher.
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
+
+/// Events matched per turn of the main loop; the rest follow at once, the
+/// readers' batches taken in between. A backlog (after the run yielded the
+/// CPU for a while, up to QUEUED_BATCHES × MAX_BATCH events) matched in
+/// one go kept the channel full for as long as that took, a second or
+/// more under load, with the readers waiting and the rings overflowing.
+const MATCH_SLICE: usize = 4 * reader::MAX_BATCH;
 
 /// `tcptrace demo`: see [`tcptrace::demo`].
 fn demo(a: DemoArgs, mode: Mode) -> Result<i32> {
