@@ -265,7 +265,7 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
             "--priority yield needs CAP_SYS_NICE, to take the CPU back when tcptrace falls behind: run as root, add the capability, or use --priority normal"
         ),
         Some(p) => p == Priority::Yield,
-        None => priority::claims_at_once() && priority::can_claim(),
+        None => priority::yields_by_default(),
     };
     let threads = Threads::new(yielding);
     let rt = runtime(&threads)?;
@@ -451,11 +451,7 @@ async fn run_live(
             " (TC via netlink)"
         }
     );
-    // Whether a slice of matching left events due (see MATCH_SLICE).
-    let mut more = false;
     'run: loop {
-        let wait_for_flush = !more;
-        let flush = &mut flush;
         tokio::select! {
             msg = rx.recv() => {
                 let mut batch = match msg {
@@ -477,11 +473,7 @@ async fn run_live(
                     break 'run;
                 }
             }
-            _ = async move {
-                if wait_for_flush {
-                    flush.tick().await;
-                }
-            }, if matching && !order.is_empty() => {
+            _ = flush.tick(), if matching && !order.is_empty() => {
                 let cutoff = marks.cutoff(monotonic_ns());
                 let mut matched = 0;
                 while let Some(ev) = order.pop_older(cutoff) {
@@ -493,7 +485,10 @@ async fn run_live(
                         break;
                     }
                 }
-                more = matched == MATCH_SLICE;
+                if matched == MATCH_SLICE {
+                    // More are due: the next slice at once, not a tick later.
+                    flush.reset_immediately();
+                }
                 out.flush()?;
             }
             _ = tick.tick() => {

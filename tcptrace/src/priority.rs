@@ -65,6 +65,12 @@ pub fn claims_at_once() -> bool {
     kernel_at_least(&release.to_string_lossy(), (6, 6))
 }
 
+/// Whether a run yields unless told otherwise: where a claim works at once
+/// and the run may make it.
+pub fn yields_by_default() -> bool {
+    claims_at_once() && can_claim()
+}
+
 /// Whether the run may leave SCHED_IDLE again, which a claim needs: with
 /// CAP_SYS_NICE (root has it); without it the kernel refuses unless
 /// RLIMIT_NICE allows nice 0, which by default it does not.

@@ -79,7 +79,7 @@ fn threads_yield_unless_priority_normal() {
     }
     let port = free_port().to_string();
     // The default on 6.6 and later; `normal` is the default before.
-    let default_yields = tcptrace::priority::claims_at_once() && tcptrace::priority::can_claim();
+    let default_yields = tcptrace::priority::yields_by_default();
     let t = if default_yields {
         Trace::start(&["--json", "--no-wire", "--port", &port])
     } else {
