@@ -16,7 +16,7 @@ use tcptrace::demo;
 use tcptrace::event::Event;
 use tcptrace::matcher::{Connection, Matcher, MatcherConfig};
 use tcptrace::output::Output;
-use tcptrace::priority::{self, Guard, RingFill, Threads};
+use tcptrace::priority::{self, Backlog, Guard, RingFill, Threads};
 use tcptrace::reader::{self, monotonic_ns, Intake, Msg, ReaderStats, Reorder, Watermarks};
 use tcptrace::render::{self, Clock, Mode};
 use tcptrace_common::{Filter, AF_INET, AF_INET6, MAX_PORTS};
@@ -400,11 +400,12 @@ async fn run_live(
         .iter()
         .map(|r| RingFill::new(r.as_fd()))
         .collect::<Result<Vec<_>>>()?;
-    let guard = Guard::start(threads.clone(), fills)?;
-    // Bounds what waits between the readers and the matcher to
-    // QUEUED_BATCHES × reader::MAX_BATCH events (about 30 MB at worst, when
-    // the matcher falls behind); past that the readers wait, the rings
-    // fill, and the kernel counts what it drops.
+    let backlog = Arc::new(Backlog::new(MAX_HELD));
+    let guard = Guard::start(threads.clone(), fills, backlog.clone())?;
+    // With MAX_HELD, bounds what waits between the readers and the matcher
+    // to twice QUEUED_BATCHES × reader::MAX_BATCH events (about 60 MB at
+    // worst, when the matcher falls behind); past that the readers wait,
+    // the rings fill, and the kernel counts what it drops.
     let (tx, mut rx) = mpsc::channel::<Msg>(QUEUED_BATCHES);
     let mut marks = Watermarks::new(rings.len());
     for (i, ring) in rings.into_iter().enumerate() {
@@ -452,8 +453,11 @@ async fn run_live(
         }
     );
     'run: loop {
+        backlog.set(order.len());
         tokio::select! {
-            msg = rx.recv() => {
+            // Past MAX_HELD the readers' batches wait in the channel, and
+            // once it is full, in the rings, whose overflow the kernel counts.
+            msg = rx.recv(), if order.len() < MAX_HELD => {
                 let mut batch = match msg {
                     None => break 'run,
                     Some(Msg::Drained { ring, at_ns }) => {
@@ -474,7 +478,13 @@ async fn run_live(
                 }
             }
             _ = flush.tick(), if matching && !order.is_empty() => {
-                let cutoff = marks.cutoff(monotonic_ns());
+                // A full backlog is matched without waiting for the rings'
+                // reports, which wait in the channel behind it.
+                let cutoff = if order.len() >= MAX_HELD {
+                    u64::MAX
+                } else {
+                    marks.cutoff(monotonic_ns())
+                };
                 let mut matched = 0;
                 while let Some(ev) = order.pop_older(cutoff) {
                     for c in matcher.push(ev) {
@@ -592,6 +602,10 @@ async fn run_live(
 }
 
 const QUEUED_BATCHES: usize = 256;
+
+/// The most events taken from the channel and not matched yet (about 30
+/// MB): the matcher's loop takes no more batches until it is under that.
+const MAX_HELD: usize = QUEUED_BATCHES * reader::MAX_BATCH;
 
 /// How often events that every ring has been read past go to the matcher.
 const FLUSH_EVERY: Duration = Duration::from_millis(20);

@@ -17,7 +17,10 @@
 //! kernel's producer and consumer positions, mapped read-only); when one is
 //! [`CLAIM_AT`] full every thread of the run goes back to normal priority,
 //! and it yields again once the rings have stayed below [`KEPT_UP`] for
-//! [`CAUGHT_UP_FOR`]. `--priority normal` never yields.
+//! [`CAUGHT_UP_FOR`]. `--priority normal` never yields. The events that
+//! the readers took and the matcher has not matched yet count the same way
+//! ([`Backlog`]): a starved matcher stops taking the readers' batches once
+//! that backlog is full, and the rings fill behind it.
 //!
 //! Yielding is the default only where claiming works at once: on Linux 6.6
 //! and later (the EEVDF scheduler), a thread moved from SCHED_IDLE to
@@ -29,7 +32,7 @@
 //! also without CAP_SYS_NICE (tracing with CAP_BPF, CAP_PERFMON and
 //! CAP_NET_ADMIN alone), which leaving SCHED_IDLE needs.
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -287,6 +290,32 @@ impl RingFill {
     }
 }
 
+/// The events waiting for the matcher, out of the most it holds: a second
+/// queue in front of the rings, watched like them.
+pub struct Backlog {
+    held: AtomicUsize,
+    max: usize,
+}
+
+impl Backlog {
+    pub fn new(max: usize) -> Backlog {
+        Backlog {
+            held: AtomicUsize::new(0),
+            max: max.max(1),
+        }
+    }
+
+    /// Set by the matcher's loop whenever the backlog changes.
+    pub fn set(&self, held: usize) {
+        self.held.store(held, Ordering::Relaxed);
+    }
+
+    /// As a fraction of the most it holds.
+    pub fn fill(&self) -> f64 {
+        self.held.load(Ordering::Relaxed) as f64 / self.max as f64
+    }
+}
+
 impl Drop for RingFill {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, unmapped once.
@@ -301,8 +330,13 @@ pub struct Guard {
 }
 
 impl Guard {
-    /// Watches `rings` for `threads`. None when the run does not yield.
-    pub fn start(threads: Arc<Threads>, rings: Vec<RingFill>) -> Result<Option<Guard>> {
+    /// Watches `rings` and the matcher's `backlog` for `threads`. None when
+    /// the run does not yield.
+    pub fn start(
+        threads: Arc<Threads>,
+        rings: Vec<RingFill>,
+        backlog: Arc<Backlog>,
+    ) -> Result<Option<Guard>> {
         if !threads.yielding {
             return Ok(None);
         }
@@ -319,7 +353,10 @@ impl Guard {
                 while !stopping.load(Ordering::Relaxed) {
                     std::thread::sleep(EVERY);
                     let now = crate::reader::monotonic_ns();
-                    let fill = rings.iter().map(RingFill::fill).fold(0.0, f64::max);
+                    let fill = rings
+                        .iter()
+                        .map(RingFill::fill)
+                        .fold(backlog.fill(), f64::max);
                     match policy.observe(now, fill) {
                         Verdict::Stay => {}
                         Verdict::Claim => threads.claim(now),

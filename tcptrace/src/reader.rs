@@ -373,6 +373,10 @@ impl Reorder {
         self.held.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
     /// The oldest event, if it is at or before `ts_ns`.
     pub fn pop_older(&mut self, ts_ns: u64) -> Option<Event> {
         if self.unsorted {
