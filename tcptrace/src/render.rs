@@ -212,7 +212,7 @@ fn needs_escape(s: &str) -> bool {
 /// A line assembled by `build`, then written out in one go.
 fn with_line<W: Write + ?Sized>(out: &mut W, build: impl FnOnce(&mut Json<'_>)) -> io::Result<()> {
     LINE.with_borrow_mut(|buf| {
-        let mut j = Json { buf, pos: 0 };
+        let mut j = Json::new(buf);
         build(&mut j);
         let len = j.pos;
         let res = out.write_all(&buf[..len]);
@@ -263,19 +263,32 @@ fn write_connection_json<W: Write + ?Sized>(out: &mut W, c: &Connection) -> io::
 /// each time, a sixth of what a line cost.
 struct Json<'a> {
     buf: &'a mut Vec<u8>,
+    /// `buf`'s start and length, kept here (updated by `grow`): read
+    /// through `buf` they were reloaded at every piece.
+    at: *mut u8,
+    len: usize,
     pos: usize,
 }
 
-impl Json<'_> {
+impl<'a> Json<'a> {
+    fn new(buf: &'a mut Vec<u8>) -> Json<'a> {
+        Json {
+            at: buf.as_mut_ptr(),
+            len: buf.len(),
+            buf,
+            pos: 0,
+        }
+    }
+
     /// `n` bytes at `pos`, growing the buffer when the line outgrows it.
     #[inline(always)]
     fn room(&mut self, n: usize) -> &mut [u8] {
-        let end = self.pos + n;
-        if end > self.buf.len() {
-            self.grow(end);
+        if self.pos + n > self.len {
+            self.grow(self.pos + n);
         }
-        // SAFETY: `grow` leaves the buffer at least `end` long.
-        unsafe { self.buf.get_unchecked_mut(self.pos..end) }
+        // SAFETY: `at..at + len` is `buf`'s initialised contents (see
+        // `grow`), which this borrows mutably, and `pos + n <= len`.
+        unsafe { std::slice::from_raw_parts_mut(self.at.add(self.pos), n) }
     }
 
     #[cold]
@@ -283,6 +296,8 @@ impl Json<'_> {
     fn grow(&mut self, end: usize) {
         let len = end.max(2 * self.buf.len()).max(4096);
         self.buf.resize(len, 0);
+        self.at = self.buf.as_mut_ptr();
+        self.len = len;
     }
 
     #[inline(always)]
@@ -583,7 +598,8 @@ impl Json<'_> {
         }
         // Each option came with a comma; the first one's opens the object.
         if self.pos > start {
-            self.buf[start] = b'{';
+            // SAFETY: `start < pos <= len`, inside the buffer (see `room`).
+            unsafe { *self.at.add(start) = b'{' };
         } else {
             self.raw(b"{");
         }
@@ -1044,10 +1060,7 @@ mod tests {
         }
         let mut buf = Vec::new();
         for ip in addrs {
-            let mut j = Json {
-                buf: &mut buf,
-                pos: 0,
-            };
+            let mut j = Json::new(&mut buf);
             j.ipv4(ip);
             let len = j.pos;
             assert_eq!(
@@ -1336,6 +1349,15 @@ mod tests {
                 ..bare.clone()
             });
         }
+        // A line that outgrows the line buffer many times over, past what it
+        // keeps between lines, followed by ordinary ones.
+        cases.insert(
+            0,
+            Connection {
+                steps: full.steps.iter().cycle().take(5000).cloned().collect(),
+                ..full.clone()
+            },
+        );
         for c in &cases {
             let mut ours = Vec::new();
             connection(&mut ours, Mode::Json, c).expect("writing to a Vec");
