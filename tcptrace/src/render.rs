@@ -451,34 +451,7 @@ impl<'a> Json<'a> {
     }
 
     fn ipv4(&mut self, ip: Ipv4Addr) {
-        /// Each octet's digits followed by a dot, and how many digits:
-        /// an octet is one 4-byte copy, without a division or a branch.
-        const OCTETS: [([u8; 4], u8); 256] = {
-            let mut t = [([0; 4], 0); 256];
-            let mut i = 0;
-            while i < 256 {
-                let (h, te, o) = ((i / 100) as u8, (i / 10 % 10) as u8, (i % 10) as u8);
-                t[i] = if i >= 100 {
-                    ([b'0' + h, b'0' + te, b'0' + o, b'.'], 3)
-                } else if i >= 10 {
-                    ([b'0' + te, b'0' + o, b'.', 0], 2)
-                } else {
-                    ([b'0' + o, b'.', 0, 0], 1)
-                };
-                i += 1;
-            }
-            t
-        };
-        // 16 bytes of room: the last octet's copy writes a dot past the end.
-        self.fill::<16>(|d| {
-            let mut len = 0;
-            for octet in ip.octets() {
-                let (digits, n) = OCTETS[usize::from(octet)];
-                d[len..len + 4].copy_from_slice(&digits);
-                len += usize::from(n) + 1;
-            }
-            len - 1
-        });
+        self.fill(|d| crate::text::ipv4(ip, d));
     }
 
     /// `SocketAddr`'s `Display`: `a.b.c.d:port`; IPv6 (`[a]:port`, with a
