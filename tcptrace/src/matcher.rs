@@ -452,9 +452,20 @@ pub struct Matcher {
     lingering: VecDeque<(u64, u64)>,
     pending: IdMap<Pending>,
     pending_order: VecDeque<u64>,
+    /// Emitted records, their event lists emptied, for the next ones to
+    /// take: a record and its list (grown twice for a short connection's
+    /// ten events) were three or four allocations per connection.
+    #[allow(clippy::vec_box)] // the boxes are what is reused
+    spare: Vec<Box<Record>>,
     clock: u64,
     stats: MatcherStats,
 }
+
+/// Records kept for reuse.
+const SPARE_RECORDS: usize = 16;
+/// A record's event list is reused only up to this capacity: one of a long
+/// connection would keep its memory past its end.
+const SPARE_EVENTS: usize = 64;
 
 fn is_complete(sc: &StateChange) -> bool {
     sc.sport != 0 && sc.dport != 0 && !sc.saddr.is_unspecified() && !sc.daddr.is_unspecified()
@@ -484,6 +495,7 @@ impl Matcher {
             lingering: VecDeque::new(),
             pending: IdMap::default(),
             pending_order: VecDeque::new(),
+            spare: Vec::new(),
             clock: 0,
             stats: MatcherStats::default(),
         }
@@ -717,19 +729,24 @@ impl Matcher {
         let id = self.next_id;
         self.next_id += 1;
         self.stats.connections += 1;
-        self.conns.insert(
-            id,
-            Box::new(Record {
-                key,
-                events: Vec::new(),
-                first_ts: ts,
-                last_ts: ts,
-                progress: Progress::default(),
-                deadline: None,
-                dropped: [Dropped::default(); 2],
-                events_dropped: 0,
-            }),
-        );
+        let record = |events| Record {
+            key,
+            events,
+            first_ts: ts,
+            last_ts: ts,
+            progress: Progress::default(),
+            deadline: None,
+            dropped: [Dropped::default(); 2],
+            events_dropped: 0,
+        };
+        let boxed = match self.spare.pop() {
+            Some(mut r) => {
+                *r = record(std::mem::take(&mut r.events));
+                r
+            }
+            None => Box::new(record(Vec::new())),
+        };
+        self.conns.insert(id, boxed);
         self.by_key.insert(key, id);
         self.note_new_record(id, ts);
         id
@@ -864,7 +881,7 @@ impl Matcher {
     }
 
     fn emit(&mut self, id: u64, reason: EndReason) -> Option<Connection> {
-        let r = self.conns.remove(&id)?;
+        let mut r = self.conns.remove(&id)?;
         // The 4-tuple and the sockets may already belong to the next
         // connection; one lookup each, not a look then a remove.
         if let Entry::Occupied(e) = self.by_key.entry(r.key) {
@@ -881,16 +898,21 @@ impl Matcher {
             }
         }
         self.stats.emitted += 1;
-        Some(analyze::analyze(
+        let c = analyze::analyze(
             analyze::Input {
                 key: r.key,
-                events: r.events,
+                events: &mut r.events,
                 dropped: r.dropped,
                 events_dropped: r.events_dropped,
                 end_reason: reason,
             },
             &self.cfg,
-        ))
+        );
+        if self.spare.len() < SPARE_RECORDS && r.events.capacity() <= SPARE_EVENTS {
+            r.events.clear();
+            self.spare.push(r);
+        }
+        Some(c)
     }
 }
 

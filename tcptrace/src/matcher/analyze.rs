@@ -19,9 +19,10 @@ use crate::text::text;
 use super::model::*;
 use super::{seq_ge, Dropped, Key, MatcherConfig};
 
-pub(super) struct Input {
+pub(super) struct Input<'a> {
     pub key: Key,
-    pub events: Vec<Event>,
+    /// Sorted in place; the matcher reuses the list.
+    pub events: &'a mut Vec<Event>,
     pub dropped: [Dropped; 2],
     pub events_dropped: u64,
     pub end_reason: EndReason,
@@ -121,10 +122,10 @@ struct Sock<'a> {
     changes: Vec<&'a StateChange>,
 }
 
-pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
+pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
     let Input {
         key,
-        mut events,
+        events,
         dropped,
         events_dropped,
         end_reason,
@@ -144,7 +145,7 @@ pub(super) fn analyze(input: Input, cfg: &MatcherConfig) -> Connection {
     // cost (callgrind, storm connections).
     let mut segs: Vec<&Segment> = Vec::with_capacity(events.len());
     let mut changes: Vec<&StateChange> = Vec::with_capacity(events.len());
-    for e in &events {
+    for e in events.iter() {
         match e {
             Event::Segment(s) => segs.push(s),
             Event::State(s) => changes.push(s),

@@ -784,3 +784,40 @@ fn every_scenario_renders_a_timeline() {
         }
     }
 }
+
+/// Records are reused once emitted (`Matcher::spare`): every scenario run
+/// after the others through one matcher, each in a later second, reads as
+/// it does through a fresh one.
+#[test]
+fn reused_records_read_as_fresh_ones() {
+    let shifted: Vec<Vec<Event>> = scenarios()
+        .iter()
+        .enumerate()
+        .map(|(i, sc)| {
+            let file = pcap::build::pcap_from_segments(&sc.segments);
+            let mut events = pcap::read_bytes(&file).expect("built capture reads").events;
+            for e in &mut events {
+                match e {
+                    Event::State(s) => s.ts_ns += i as u64 * 1_000_000_000_000,
+                    Event::Segment(s) => s.ts_ns += i as u64 * 1_000_000_000_000,
+                }
+            }
+            events
+        })
+        .collect();
+    let json = |c: &Connection| serde_json::to_string(c).expect("serialises");
+    let mut shared = Matcher::new(MatcherConfig::default());
+    for events in &shifted {
+        let mut reused = Vec::new();
+        for e in events {
+            reused.extend(shared.push(e.clone()));
+        }
+        reused.extend(shared.finish());
+        let fresh = run(events);
+        assert_eq!(
+            reused.iter().map(json).collect::<Vec<_>>(),
+            fresh.iter().map(json).collect::<Vec<_>>()
+        );
+    }
+    assert!(shifted.len() > 1, "scenarios to reuse records across");
+}
