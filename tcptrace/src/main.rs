@@ -612,7 +612,7 @@ const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 /// Events matched per turn of the main loop; the rest follow at once, the
 /// readers' batches taken in between. A backlog (after the run yielded the
-/// CPU for a while, up to QUEUED_BATCHES × MAX_BATCH events) matched in
+/// CPU for a while, up to MAX_HELD events) matched in
 /// one go keeps the channel full for as long as that takes, a second or
 /// more under load, and the readers wait while their rings fill: the
 /// likely way two yielding bench rounds lost events to a full ring.

@@ -305,7 +305,7 @@ impl Backlog {
         }
     }
 
-    /// Set by the matcher's loop whenever the backlog changes.
+    /// Set by the matcher's loop at every turn (one relaxed store).
     pub fn set(&self, held: usize) {
         self.held.store(held, Ordering::Relaxed);
     }
