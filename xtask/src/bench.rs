@@ -250,6 +250,8 @@ struct Run {
     out_bytes: Option<u64>,
     /// Per program: (name, runs, run time ns); see `ebpf_cost`.
     prog_stats: Vec<(String, u64, u64)>,
+    /// Shares of the machine's CPU time while the storm ran: idle, softirq.
+    machine: Option<(f64, f64)>,
 }
 
 impl Run {
@@ -260,7 +262,9 @@ impl Run {
             .with("connections", self.conns)
             .with("conn_per_s", self.conn_per_s)
             .with("storm_errors", self.storm_errors)
-            .with("time_wait_before", self.tw_before);
+            .with("time_wait_before", self.tw_before)
+            .with("machine_idle", self.machine.map(|m| m.0))
+            .with("machine_softirq", self.machine.map(|m| m.1));
         if let (Some(o), Some(u)) = (&self.out, &self.usage) {
             j.set("events_expected", self.expected);
             j.set("events_delivered", o.delivered());
@@ -519,8 +523,10 @@ fn run_one(
         )?),
         None => None,
     };
+    let cpu_before = proc::MachineCpu::now();
     storm.go()?;
     let res = storm.expect("result")?;
+    let machine = cpu_before.shares(&proc::MachineCpu::now());
     let port = storm.port;
     storm.finish()?;
     let conns = json::field_u64(&res, "connections").context("storm result")?;
@@ -538,6 +544,7 @@ fn run_one(
         missed: None,
         out_bytes: None,
         prog_stats: Vec::new(),
+        machine,
     };
     if let Some(t) = tracer {
         run.prog_stats = t.prog_run_stats();
@@ -760,8 +767,8 @@ fn storm_scenario(
     let mut md = format!(
         "\n## Storm: {threads} client threads, {duration} s per run, {rounds} rounds (medians; events summed over rounds)\n\n\
          Calibration: one connection = {} state changes + {} segments (tcptrace, wire on lo), plus {} state change(s) per run (the listener closing).\n\n\
-         | configuration | conn/s | vs no tracer | events expected | delivered | lost (reported) | skipped by kernel (recursion_misses) | unaccounted | tracer CPU ms / 1k events | of which sys | output bytes / event | tracer CPU % of a core | peak RSS MiB | output settles s |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | configuration | conn/s | vs no tracer | events expected | delivered | lost (reported) | skipped by kernel (recursion_misses) | unaccounted | tracer CPU ms / 1k events | of which sys | output bytes / event | tracer CPU % of a core | machine idle % | peak RSS MiB | output settles s |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         pc.states, pc.segments, pc.state_extra
     );
     let mut summary = J::obj();
@@ -769,6 +776,13 @@ fn storm_scenario(
     for &cfg in cfgs {
         let rs: Vec<&Run> = runs.iter().filter(|r| r.cfg == cfg).collect();
         let cps = median(rs.iter().map(|r| r.conn_per_s).collect());
+        // Idle time of both CPUs while the storm ran: with no tracer, the
+        // room a yielding tracer can take without slowing the storm.
+        let idle_pct = median(
+            rs.iter()
+                .filter_map(|r| Some(r.machine?.0 * 100.0))
+                .collect(),
+        );
         let ratios: Vec<f64> = rs
             .iter()
             .filter_map(|r| base_of(r.round).map(|b| r.conn_per_s / b))
@@ -787,9 +801,10 @@ fn storm_scenario(
             .with("ratio_max", hi);
         if cfg.kind().is_none() {
             md.push_str(&format!(
-                "| {} | {cps:.0} | 1.00 | – | – | – | – | – | – | – | – | – | – | – |\n",
+                "| {} | {cps:.0} | 1.00 | – | – | – | – | – | – | – | – | – | {idle_pct:.1} | – | – |\n",
                 cfg.label()
             ));
+            s.set("machine_idle_pct", idle_pct);
             summary.set(cfg.key(), s);
             continue;
         }
@@ -835,7 +850,7 @@ fn storm_scenario(
         );
         let drain = median(rs.iter().filter_map(|r| r.drain_s).collect());
         md.push_str(&format!(
-            "| {} | {cps:.0} | {ratio:.3} ({lo:.2}–{hi:.2}) | {expected} | {delivered} | {lost} | {missed} | {unaccounted} | {ms_per_k:.3} | {sys_ms_per_k:.3} | {bytes_per_event:.0} | {core_pct:.0} | {rss_mib:.1} | {drain:.2} |\n",
+            "| {} | {cps:.0} | {ratio:.3} ({lo:.2}–{hi:.2}) | {expected} | {delivered} | {lost} | {missed} | {unaccounted} | {ms_per_k:.3} | {sys_ms_per_k:.3} | {bytes_per_event:.0} | {core_pct:.0} | {idle_pct:.1} | {rss_mib:.1} | {drain:.2} |\n",
             cfg.label()
         ));
         s.set("events_expected", expected);
@@ -847,6 +862,7 @@ fn storm_scenario(
         s.set("sys_cpu_ms_per_1k_events", sys_ms_per_k);
         s.set("output_bytes_per_event", bytes_per_event);
         s.set("cpu_pct_of_core", core_pct);
+        s.set("machine_idle_pct", idle_pct);
         s.set("idle_cpu_s", idle_cpu);
         s.set("peak_rss_mib", rss_mib);
         s.set("catch_up_s", drain);
@@ -901,7 +917,37 @@ fn storm_scenario(
             ));
         }
     }
+    // What a tracer can have for free: the idle time the storm leaves. A
+    // tracer that needs more takes the rest from the storm, whatever its
+    // priority.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let room = median(
+        runs.iter()
+            .filter(|r| r.cfg == Cfg::None)
+            .filter_map(|r| Some(r.machine?.0 * 100.0 * cpus))
+            .collect(),
+    );
+    let need = |cfg: Cfg| {
+        median(
+            runs.iter()
+                .filter(|r| r.cfg == cfg)
+                .filter_map(|r| Some(r.usage.as_ref()?.cpu_s / duration * 100.0))
+                .collect(),
+        )
+    };
+    let needs: Vec<String> = [(Cfg::NoWire, "--no-wire"), (Cfg::Wire, "with wire")]
+        .into_iter()
+        .filter(|(c, _)| cfgs.contains(c))
+        .map(|(c, name)| format!("{name} {:.0} %", need(c)))
+        .collect();
+    if room.is_finite() && !needs.is_empty() {
+        md.push_str(&format!(
+            "\nRoom: with no tracer the storm leaves {room:.0} % of a core idle (both CPUs together); tcptrace takes, of a core, {}: what exceeds the room is taken from the storm, yielding or not.\n",
+            needs.join(", ")
+        ));
+    }
     let j = J::obj()
+        .with("room_pct_of_core", room)
         .with("calibration", cal_j)
         .with("summary", summary)
         .with(

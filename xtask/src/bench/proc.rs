@@ -115,6 +115,45 @@ fn times_s(ru: &libc::rusage) -> (f64, f64) {
     (tv(ru.ru_utime), tv(ru.ru_stime))
 }
 
+/// The whole machine's CPU time so far, from the first line of /proc/stat
+/// (in clock ticks, all CPUs together).
+#[derive(Clone, Copy, Default)]
+pub struct MachineCpu {
+    pub total: u64,
+    /// idle + iowait.
+    pub idle: u64,
+    pub softirq: u64,
+}
+
+impl MachineCpu {
+    pub fn now() -> MachineCpu {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let v: Vec<u64> = (stat.lines().next().unwrap_or(""))
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        MachineCpu {
+            // user nice system idle iowait irq softirq steal (guest time is
+            // already in user)
+            total: (0..8).map(at).sum(),
+            idle: at(3) + at(4),
+            softirq: at(6),
+        }
+    }
+
+    /// Shares of the machine's CPU time (0..1) from `self` until `later`:
+    /// idle and softirq, or None when no time passed.
+    pub fn shares(&self, later: &MachineCpu) -> Option<(f64, f64)> {
+        let total = later.total.checked_sub(self.total).filter(|t| *t > 0)? as f64;
+        Some((
+            later.idle.saturating_sub(self.idle) as f64 / total,
+            later.softirq.saturating_sub(self.softirq) as f64 / total,
+        ))
+    }
+}
+
 /// The calling thread's user+sys CPU time so far, in seconds.
 pub fn thread_cpu_s() -> f64 {
     // SAFETY: getrusage with a valid out pointer.
