@@ -503,7 +503,8 @@ async fn run_live(
             }
             _ = tick.tick() => {
                 if matching {
-                    for c in matcher.tick(marks.cutoff(monotonic_ns())) {
+                    let now = order.matched_until(marks.cutoff(monotonic_ns()));
+                    for c in matcher.tick(now) {
                         emit(&mut out, &c)?;
                     }
                 }

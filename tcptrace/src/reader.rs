@@ -373,16 +373,36 @@ impl Reorder {
         self.held.is_empty()
     }
 
+    fn sort(&mut self) {
+        if self.unsorted {
+            self.held.make_contiguous().sort_by_key(Event::ts_ns);
+            self.unsorted = false;
+        }
+    }
+
+    /// The time the matcher may take as passed ([`Matcher::tick`]): the
+    /// rings' `cutoff`, but never as far as an event still held here. A
+    /// backlog is matched in slices, so events older than the cutoff can
+    /// still wait here when time is ticked; told the cutoff, the matcher
+    /// ended their connections before them, and each of those events
+    /// became a connection of its own.
+    ///
+    /// [`Matcher::tick`]: crate::matcher::Matcher::tick
+    pub fn matched_until(&mut self, cutoff: u64) -> u64 {
+        self.sort();
+        match self.held.front() {
+            Some(e) => cutoff.min(e.ts_ns().saturating_sub(1)),
+            None => cutoff,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.held.len()
     }
 
     /// The oldest event, if it is at or before `ts_ns`.
     pub fn pop_older(&mut self, ts_ns: u64) -> Option<Event> {
-        if self.unsorted {
-            self.held.make_contiguous().sort_by_key(Event::ts_ns);
-            self.unsorted = false;
-        }
+        self.sort();
         if self.held.front()?.ts_ns() <= ts_ns {
             self.held.pop_front()
         } else {
@@ -468,6 +488,26 @@ mod tests {
             let want: Vec<u32> = want.into_iter().map(|(_, tag)| tag).collect();
             assert_eq!(got, want, "{name}");
             assert!(r.is_empty(), "{name}");
+        }
+    }
+
+    /// (held, by arrival; cutoff) → the time the matcher may be told.
+    #[test]
+    fn matched_until_stops_short_of_the_oldest_held_event() {
+        let near = Reorder::NEAR as u64;
+        let another_ring: Vec<u64> = (0..2 * near).map(|t| 100 + t).chain([7]).collect();
+        let cases: Vec<(&str, Vec<u64>, u64, u64)> = vec![
+            ("nothing held", vec![], 500, 500),
+            ("held older than the cutoff", vec![100, 200], 500, 99),
+            ("held newer than the cutoff", vec![100, 200], 50, 50),
+            ("an older batch arrived last", another_ring, 500, 6),
+        ];
+        for (name, held, cutoff, want) in cases {
+            let mut r = Reorder::default();
+            for ts in held {
+                r.push(ev(ts, 0));
+            }
+            assert_eq!(r.matched_until(cutoff), want, "{name}");
         }
     }
 

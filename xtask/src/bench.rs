@@ -892,7 +892,7 @@ fn storm_scenario(
                     "{delivered} of {expected} delivered, {lost} reported lost, {missed} skipped by the kernel (reported by tcptrace as lost), {unaccounted} unaccounted{}",
                     if unaccounted < 0 {
                         format!(
-                            " ({} more segments than calibrated, e.g. retransmissions; state changes {})",
+                            " ({} more segments than calibrated: four-segment closes, whose ACK of a FIN goes alone, or retransmissions; state changes {})",
                             -unaccounted,
                             if states_short <= 0 { "all there" } else { "short" }
                         )

@@ -510,6 +510,41 @@ fn live_ring_lagging_a_whole_connection_joins_its_record() {
     }
 }
 
+/// A backlog (the run yielded the CPU, then catches up) is matched in
+/// slices, time ticking between them, as the live loop does: time must not
+/// pass an event still waiting for its slice, or the matcher ends that
+/// event's connection without it (seen live: connections split in three,
+/// their last state changes each a record of their own).
+#[test]
+fn backlog_matched_in_slices_with_ticks_between_gives_one_record() {
+    let ev = full_conversation();
+    let (want, _) = run(&ev);
+    // The rings were read well past the whole conversation: past every
+    // linger and the idle timeout.
+    let cutoff = ev.iter().map(Event::ts_ns).max().unwrap() + 120_000_000_000;
+    for slice in 1..ev.len() {
+        let mut order = crate::reader::Reorder::default();
+        for e in &ev {
+            order.push(e.clone());
+        }
+        let mut m = Matcher::new(MatcherConfig::default());
+        let mut got = Vec::new();
+        while !order.is_empty() {
+            for _ in 0..slice {
+                let Some(e) = order.pop_older(cutoff) else {
+                    break;
+                };
+                got.extend(m.push(e));
+            }
+            got.extend(m.tick(order.matched_until(cutoff)));
+        }
+        got.extend(m.finish());
+        assert_eq!(got.len(), 1, "slices of {slice}: {got:#?}");
+        assert_eq!(got[0].steps, want[0].steps, "slices of {slice}");
+        assert_eq!(got[0].anomalies, want[0].anomalies, "slices of {slice}");
+    }
+}
+
 #[test]
 fn live_reset_names_the_kernel_state() {
     use TcpState::{Close as Closed, Established};
