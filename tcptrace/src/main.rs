@@ -546,9 +546,22 @@ async fn run_live(
     if let Some(f) = stopped {
         f.store(true, Ordering::SeqCst);
     }
-    // The readers stop taking events (they run on their own thread and
-    // would keep the channel full under load); those they took, whose lines
-    // are out, are all counted, and those that reached the channel matched.
+    // The readers take what their rings hold up to now, then end (a
+    // reader can be a ring's worth behind under load); events after the
+    // stop stay out. Bounded, in case one is stuck.
+    intake.stop_at(monotonic_ns());
+    let until = tokio::time::Instant::now() + STOP_READ_MAX;
+    while let Ok(Some(msg)) = tokio::time::timeout_at(until, rx.recv()).await {
+        if let (Msg::Events(mut batch), true) = (msg, matching) {
+            for ev in batch.drain(..) {
+                order.push(ev);
+            }
+            intake.recycle(batch);
+        }
+    }
+    // Then they stop taking events (they run on their own thread and would
+    // keep the channel full under load); those they took, whose lines are
+    // out, are all counted, and those that reached the channel matched.
     rx.close();
     let (events, failed) = intake.close();
     if let Some(e) = failed {
@@ -603,6 +616,10 @@ async fn run_live(
 }
 
 const QUEUED_BATCHES: usize = 256;
+
+/// How long the readers may take, once the run stops, to read their rings
+/// up to the stop (a full 4 MiB ring is about 40,000 events, tens of ms).
+const STOP_READ_MAX: Duration = Duration::from_secs(2);
 
 /// The most events taken from the channel and not matched yet (about 30
 /// MB): the matcher's loop takes no more batches until it is under that.

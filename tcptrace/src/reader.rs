@@ -80,6 +80,8 @@ pub struct Intake {
     /// Set with `Taken::error`, for a look without the lock (which a
     /// reader holds through its write(2)).
     failed: AtomicBool,
+    /// When the run stopped (CLOCK_MONOTONIC ns); u64::MAX while it runs.
+    stop_ns: AtomicU64,
 }
 
 #[derive(Default)]
@@ -98,6 +100,7 @@ impl Intake {
             state: Mutex::default(),
             spare: Mutex::default(),
             failed: AtomicBool::new(false),
+            stop_ns: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -144,6 +147,19 @@ impl Intake {
                 s.push(batch);
             }
         }
+    }
+
+    /// The run stopped at `ns`: the readers take what their rings hold up
+    /// to then, events newer than that stay out, and each reader ends once
+    /// it has read past `ns` or found its ring empty. Under load a reader
+    /// can be a ring's worth behind; what happened before Ctrl-C (or the
+    /// end of `--duration`) is part of the run.
+    pub fn stop_at(&self, ns: u64) {
+        self.stop_ns.store(ns, Ordering::Relaxed);
+    }
+
+    fn stopping_at(&self) -> Option<u64> {
+        Some(self.stop_ns.load(Ordering::Relaxed)).filter(|&t| t != u64::MAX)
     }
 
     /// Stops taking events; returns how many were taken, and the write
@@ -236,6 +252,16 @@ impl Reader {
                 }
             }
             let drained = read < MAX_BATCH;
+            // After the stop: up to it, and no further once past it (a
+            // ring delivers in time order but for neighbouring CPUs' races).
+            let stop = self.intake.stopping_at();
+            let mut past_stop = false;
+            if let Some(t) = stop {
+                if let Some(i) = batch.iter().position(|e| e.ts_ns() > t) {
+                    batch.truncate(i);
+                    past_stop = true;
+                }
+            }
             if batch.is_empty() {
                 self.intake.recycle(batch); // all filtered out (or undecodable)
             } else {
@@ -247,6 +273,9 @@ impl Reader {
                 if self.tx.send(Msg::Events(batch)).await.is_err() {
                     return Ok(false); // the consumer is gone: we are shutting down
                 }
+            }
+            if past_stop || (drained && stop.is_some()) {
+                return Ok(false); // read up to the stop: this reader is done
             }
             if drained {
                 let msg = Msg::Drained {

@@ -138,6 +138,75 @@ fn threads_yield_unless_priority_normal() {
     t.stop();
 }
 
+/// A busy loop pinned to CPU 0, beside `tcptrace --json --no-wire
+/// --priority yield --port PORT EXTRA…` pinned there too, until
+/// `end_busy_loop` (or drop).
+struct Starved {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    hog: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Starved {
+    fn start(extra: &[&str]) -> (Trace, Starved) {
+        let port = free_port();
+        let port_s = port.to_string();
+        let mut args = vec![
+            "--json",
+            "--no-wire",
+            "--priority",
+            "yield",
+            "--port",
+            &port_s,
+        ];
+        args.extend_from_slice(extra);
+        let trace = Trace::start(&args);
+        pin(trace.pid(), 0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let hog = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                pin(0, 0);
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let s = Starved {
+            port,
+            stop,
+            hog: Some(hog),
+        };
+        (trace, s)
+    }
+
+    /// `conns` connections opened and closed from CPU 1 when there is one.
+    fn connections(&self, conns: u64, pause: Duration) {
+        let port = self.port;
+        std::thread::spawn(move || {
+            if cpus() > 1 {
+                pin(0, 1);
+            }
+            open_and_close(port, conns, pause);
+        })
+        .join()
+        .unwrap();
+    }
+
+    fn end_busy_loop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.hog.take() {
+            h.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Starved {
+    fn drop(&mut self) {
+        self.end_busy_loop();
+    }
+}
+
 /// tcptrace pinned to a CPU that a busy loop keeps busy: yielding, its
 /// readers get next to no time, the ring fills, and the guard must put the
 /// threads back to normal priority before it overflows.
@@ -146,29 +215,8 @@ fn a_starved_run_claims_the_cpu_and_loses_nothing() {
     if !need_root("a_starved_run_claims_the_cpu_and_loses_nothing") {
         return;
     }
-    let port = free_port();
     // 64 KiB: half (where the guard claims) is about 340 state changes.
-    let t = Trace::start(&[
-        "--json",
-        "--no-wire",
-        "--priority",
-        "yield",
-        "--ring-size",
-        "65536",
-        "--port",
-        &port.to_string(),
-    ]);
-    pin(t.pid(), 0);
-    let stop = Arc::new(AtomicBool::new(false));
-    let hog = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            pin(0, 0);
-            while !stop.load(Ordering::Relaxed) {
-                std::hint::spin_loop();
-            }
-        })
-    };
+    let (t, mut starved) = Starved::start(&["--ring-size", "65536"]);
     // The connections from the other CPU when there is one, at a pace that
     // a tracer sharing its CPU half and half with the busy loop keeps up
     // with (once it claims): under emulation (the test VMs) every step is
@@ -179,17 +227,10 @@ fn a_starved_run_claims_the_cpu_and_loses_nothing() {
     } else {
         (400, Duration::from_millis(2))
     };
-    let maker = std::thread::spawn(move || {
-        if cpus() > 1 {
-            pin(0, 1);
-        }
-        open_and_close(port, conns, pause);
-    });
-    maker.join().unwrap();
+    starved.connections(conns, pause);
     // Let the last close (and the claimed readers) finish before the hog stops.
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    hog.join().unwrap();
+    starved.end_busy_loop();
     let out = t.stop();
     let summary = &of_type(&out, "summary")[0];
     let states = of_type(&out, "state").len() as u64;
@@ -212,6 +253,49 @@ fn a_starved_run_claims_the_cpu_and_loses_nothing() {
         states + lost >= conns * 10,
         "{states} state changes and {lost} lost for {conns} connections"
     );
+}
+
+/// Stopped while its readers are behind: pinned beside a busy loop and
+/// yielding, with a ring far from half full (no claim), they have read a
+/// fraction of the state changes when Ctrl-C comes right after the last
+/// connection. What happened before the stop must all be there (it was
+/// not: the events still in the ring were dropped, and not counted).
+#[test]
+fn a_stop_while_behind_keeps_what_happened_before_it() {
+    if !need_root("a_stop_while_behind_keeps_what_happened_before_it") {
+        return;
+    }
+    let (t, mut starved) = Starved::start(&[]);
+    // Enough that the starved readers are far behind (10,000 state
+    // changes), not enough to fill half the 4 MiB ring; fewer under emulation.
+    let conns = if std::env::var_os("TCPTRACE_IN_VM").is_some() {
+        200
+    } else {
+        1000
+    };
+    starved.connections(conns, Duration::ZERO);
+    if !tcptrace::priority::claims_at_once() {
+        // CFS: beside the busy loop, a SCHED_IDLE thread may not run for
+        // seconds, not even to see Ctrl-C (see priority.rs). There the
+        // busy loop ends first, and this only checks a stop that comes
+        // while the readers catch up.
+        starved.end_busy_loop();
+    }
+    // Stopped at once, the busy loop still running (6.6 and later): the
+    // stop puts tcptrace back to normal priority, beside it.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(t.pid(), libc::SIGINT) };
+    let out = t.wait_exit(Duration::from_secs(20));
+    starved.end_busy_loop();
+    let summary = &of_type(&out, "summary")[0];
+    // 10 per connection (see above), plus the listener's two.
+    assert_eq!(
+        of_type(&out, "state").len() as u64,
+        conns * 10 + 2,
+        "{summary}"
+    );
+    assert_eq!(summary["lost"], 0, "{summary}");
+    assert_eq!(of_type(&out, "connection").len() as u64, conns, "{summary}");
 }
 
 /// `tcptrace ARGS` without CAP_SYS_NICE: dropped from the bounding set
