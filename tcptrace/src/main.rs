@@ -551,12 +551,23 @@ async fn run_live(
     // stop stay out. Bounded, in case one is stuck.
     intake.stop_at(monotonic_ns());
     let until = tokio::time::Instant::now() + STOP_READ_MAX;
-    while let Ok(Some(msg)) = tokio::time::timeout_at(until, rx.recv()).await {
-        if let (Msg::Events(mut batch), true) = (msg, matching) {
-            for ev in batch.drain(..) {
-                order.push(ev);
+    loop {
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Ok(Some(Msg::Events(mut batch))) if matching => {
+                for ev in batch.drain(..) {
+                    order.push(ev);
+                }
+                intake.recycle(batch);
             }
-            intake.recycle(batch);
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => {
+                eprintln!(
+                    "tcptrace: the rings were not read up to the stop within {} s; what they still held is left out",
+                    STOP_READ_MAX.as_secs()
+                );
+                break;
+            }
         }
     }
     // Then they stop taking events (they run on their own thread and would
