@@ -866,21 +866,16 @@ fn storm_scenario(
         s.set("idle_cpu_s", idle_cpu);
         s.set("peak_rss_mib", rss_mib);
         s.set("catch_up_s", drain);
-        s.set(
-            "connection_records",
-            (rs.iter().filter_map(|r| r.out.as_ref()))
-                .map(|o| o.records.values().sum::<u64>())
-                .sum::<u64>(),
-        );
+        let records: u64 = (rs.iter().filter_map(|r| r.out.as_ref()))
+            .map(|o| o.records.values().sum::<u64>())
+            .sum();
+        s.set("connection_records", records);
         summary.set(cfg.key(), s);
 
         if cfg != Cfg::Tcpstates {
             // Matching, checked whole: every storm connection ends, so a
             // connection split in several records (or two merged) shows
             // as a count that differs.
-            let records: u64 = (rs.iter().filter_map(|r| r.out.as_ref()))
-                .map(|o| o.records.values().sum::<u64>())
-                .sum();
             let conns: u64 = rs.iter().map(|r| r.conns).sum();
             targets.push((
                 format!(
