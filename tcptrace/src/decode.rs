@@ -65,11 +65,21 @@ pub fn decode(buf: &[u8], names: &IfaceNames) -> Result<Event, DecodeError> {
         None => Err(DecodeError::Empty),
         Some(&EVENT_STATE) => {
             let r: StateEvent = read(buf, EVENT_STATE)?;
+            // Without a known owner the kernel side reports whichever task
+            // the softirq interrupted (the peer's process, on loopback):
+            // not this socket's owner, so none is given (pid 0). That is a
+            // socket first seen after tcptrace started, in softirq: opened
+            // before it, or a child of a listener that was.
+            let (pid, comm) = if r.owner_known != 0 {
+                (r.pid, Comm::from_kernel(&r.comm))
+            } else {
+                (0, Comm::from(""))
+            };
             Ok(Event::State(StateChange {
                 ts_ns: r.ts_ns,
                 skaddr: r.skaddr,
-                pid: r.pid,
-                comm: Comm::from_kernel(&r.comm),
+                pid,
+                comm,
                 family: family(r.family),
                 saddr: addr(r.family, &r.saddr),
                 sport: r.sport,
@@ -166,6 +176,15 @@ mod tests {
         assert_eq!(json["skaddr"], "0xffff888012345678");
         assert_eq!(json["oldstate"], "SYN_SENT");
         assert_eq!(json["family"], "ipv4");
+        // No owner seen: the task the kernel side reported is not given.
+        let unknown = StateEvent {
+            owner_known: 0,
+            ..r
+        };
+        let Event::State(s) = decode(&bytes(&unknown), &IfaceNames::new()).unwrap() else {
+            panic!("not a state")
+        };
+        assert_eq!((s.pid, s.comm.to_string()), (0, String::new()));
     }
 
     #[test]

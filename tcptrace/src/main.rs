@@ -311,6 +311,7 @@ struct Signals {
 
 impl Signals {
     fn new(rt: &tokio::runtime::Runtime) -> Result<Signals> {
+        priority::watch_stop_signals()?;
         let _g = rt.enter();
         Ok(Signals {
             int: signal(SignalKind::interrupt())?,

@@ -324,6 +324,29 @@ impl Drop for RingFill {
 }
 
 /// The guard thread (see the module's comment); stops when dropped.
+/// Set by SIGINT and SIGTERM once [`watch_stop_signals`] ran.
+static STOP_SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+/// Lets the guard see Ctrl-C and SIGTERM for itself. The run acts on them on
+/// its yielding threads, which beside a busy CPU may not run for seconds
+/// (20 s and more was seen, a busy loop on the same CPU); the guard, at
+/// normal priority, puts them back to it at once.
+pub fn watch_stop_signals() -> std::io::Result<()> {
+    static ONCE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if ONCE.get().is_some() {
+        return Ok(());
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the action only stores to an atomic, which is
+        // async-signal-safe; tokio's own action for the signal still runs.
+        unsafe {
+            signal_hook_registry::register(sig, || STOP_SIGNALLED.store(true, Ordering::Relaxed))
+        }?;
+    }
+    let _ = ONCE.set(());
+    Ok(())
+}
+
 pub struct Guard {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
@@ -352,6 +375,12 @@ impl Guard {
                 let mut policy = Policy::default();
                 while !stopping.load(Ordering::Relaxed) {
                     std::thread::sleep(EVERY);
+                    if STOP_SIGNALLED.load(Ordering::Relaxed) {
+                        // Ending: the threads that act on it must run now,
+                        // whatever the rings say (not counted as a claim).
+                        threads.set_all(libc::SCHED_OTHER);
+                        break;
+                    }
                     let now = crate::reader::monotonic_ns();
                     let fill = rings
                         .iter()

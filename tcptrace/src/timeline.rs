@@ -231,13 +231,16 @@ pub fn render<W: Write + ?Sized>(conn: &Connection, out: &mut W) -> io::Result<(
                     None => sp.state.to_string(),
                 })
                 .collect();
+            let owner = if s.pid != 0 {
+                format!("{}[{}]", s.comm, s.pid)
+            } else {
+                "owner unknown".to_string()
+            };
             writeln!(
                 out,
-                "    {:<6} sk {:#x} {}[{}] netns {}: {}",
+                "    {:<6} sk {:#x} {owner} netns {}: {}",
                 s.side.name(),
                 s.skaddr,
-                s.comm,
-                s.pid,
                 s.netns,
                 spans.join(" → ")
             )?;
