@@ -323,7 +323,6 @@ impl Drop for RingFill {
     }
 }
 
-/// The guard thread (see the module's comment); stops when dropped.
 /// Set by SIGINT and SIGTERM once [`watch_stop_signals`] ran.
 static STOP_SIGNALLED: AtomicBool = AtomicBool::new(false);
 
@@ -347,6 +346,7 @@ pub fn watch_stop_signals() -> std::io::Result<()> {
     Ok(())
 }
 
+/// The guard thread (see the module's comment); stops when dropped.
 pub struct Guard {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
