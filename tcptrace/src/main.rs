@@ -459,7 +459,7 @@ async fn run_live(
             // Past MAX_HELD the readers' batches wait in the channel, and
             // once it is full, in the rings, whose overflow the kernel counts.
             msg = rx.recv(), if order.len() < MAX_HELD => {
-                let mut batch = match msg {
+                let batch = match msg {
                     None => break 'run,
                     Some(Msg::Drained { ring, at_ns }) => {
                         marks.drained(ring, at_ns);
@@ -468,12 +468,7 @@ async fn run_live(
                     Some(Msg::Events(batch)) => batch,
                 };
                 received += batch.len() as u64;
-                if matching {
-                    for ev in batch.drain(..) {
-                        order.push(ev);
-                    }
-                }
-                intake.recycle(batch);
+                hold(&mut order, &intake, batch, matching);
                 if stop.events.is_some_and(|n| received >= n) {
                     break 'run;
                 }
@@ -554,13 +549,8 @@ async fn run_live(
     let until = tokio::time::Instant::now() + STOP_READ_MAX;
     loop {
         match tokio::time::timeout_at(until, rx.recv()).await {
-            Ok(Some(Msg::Events(mut batch))) if matching => {
-                for ev in batch.drain(..) {
-                    order.push(ev);
-                }
-                intake.recycle(batch);
-            }
-            Ok(Some(_)) => {}
+            Ok(Some(Msg::Events(batch))) => hold(&mut order, &intake, batch, matching),
+            Ok(Some(Msg::Drained { .. })) => {}
             Ok(None) => break,
             Err(_) => {
                 eprintln!(
@@ -580,10 +570,8 @@ async fn run_live(
         return Err(e).context("cannot write the event lines");
     }
     while let Ok(msg) = rx.try_recv() {
-        if let (Msg::Events(batch), true) = (msg, matching) {
-            for ev in batch {
-                order.push(ev);
-            }
+        if let Msg::Events(batch) = msg {
+            hold(&mut order, &intake, batch, matching);
         }
     }
     if matching {
@@ -625,6 +613,17 @@ async fn run_live(
         }
     );
     Ok(())
+}
+
+/// A reader's batch into the matcher's queue (when matching), the emptied
+/// batch back to the readers.
+fn hold(order: &mut Reorder, intake: &Intake, mut batch: reader::Batch, matching: bool) {
+    if matching {
+        for ev in batch.drain(..) {
+            order.push(ev);
+        }
+    }
+    intake.recycle(batch);
 }
 
 const QUEUED_BATCHES: usize = 256;

@@ -773,6 +773,8 @@ fn storm_scenario(
     );
     let mut summary = J::obj();
     let mut targets = Vec::new();
+    // Per configuration: the machine's idle % and the tracer's % of a core.
+    let mut shares: Vec<(Cfg, f64, f64)> = Vec::new();
     for &cfg in cfgs {
         let rs: Vec<&Run> = runs.iter().filter(|r| r.cfg == cfg).collect();
         let cps = median(rs.iter().map(|r| r.conn_per_s).collect());
@@ -806,6 +808,7 @@ fn storm_scenario(
             ));
             s.set("machine_idle_pct", idle_pct);
             summary.set(cfg.key(), s);
+            shares.push((cfg, idle_pct, f64::NAN));
             continue;
         }
         let idle_u = idle.iter().find(|(c, _)| *c == cfg).map(|(_, u)| u);
@@ -863,6 +866,7 @@ fn storm_scenario(
         s.set("output_bytes_per_event", bytes_per_event);
         s.set("cpu_pct_of_core", core_pct);
         s.set("machine_idle_pct", idle_pct);
+        shares.push((cfg, idle_pct, core_pct));
         s.set("idle_cpu_s", idle_cpu);
         s.set("peak_rss_mib", rss_mib);
         s.set("catch_up_s", drain);
@@ -939,24 +943,11 @@ fn storm_scenario(
     // tracer that needs more takes the rest from the storm, whatever its
     // priority.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let room = median(
-        runs.iter()
-            .filter(|r| r.cfg == Cfg::None)
-            .filter_map(|r| Some(r.machine?.0 * 100.0 * cpus))
-            .collect(),
-    );
-    let need = |cfg: Cfg| {
-        median(
-            runs.iter()
-                .filter(|r| r.cfg == cfg)
-                .filter_map(|r| Some(r.usage.as_ref()?.cpu_s / duration * 100.0))
-                .collect(),
-        )
-    };
+    let share = |cfg: Cfg| shares.iter().find(|s| s.0 == cfg);
+    let room = share(Cfg::None).map_or(f64::NAN, |s| s.1 * cpus);
     let needs: Vec<String> = [(Cfg::NoWire, "--no-wire"), (Cfg::Wire, "with wire")]
         .into_iter()
-        .filter(|(c, _)| cfgs.contains(c))
-        .map(|(c, name)| format!("{name} {:.0} %", need(c)))
+        .filter_map(|(c, name)| Some(format!("{name} {:.0} %", share(c)?.2)))
         .collect();
     if room.is_finite() && !needs.is_empty() {
         md.push_str(&format!(
