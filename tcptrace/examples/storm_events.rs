@@ -4,13 +4,20 @@
 //! matcher and the chosen output mode into memory. Decoding and write(2)
 //! are left out on purpose: this is tcptrace's own userspace work.
 //!
-//! `storm_events [CONNECTIONS] [json|timeline|events]` prints one JSON line:
-//! events, connections, output bytes and CPU ns per event.
+//! `storm_events [CONNECTIONS] [json|timeline|events] [wire]` prints one JSON
+//! line: events, connections, output bytes and CPU ns per event. With `wire`
+//! each connection also has the control segments the egress classifier on
+//! `lo` streams for it (SYN, SYN-ACK, the handshake's ACK, both FINs and the
+//! last ACK), as with wire capture on.
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{bail, Context as _, Result};
-use tcptrace::event::{Event, Family, StateChange, TcpState as S};
+use std::sync::Arc;
+
+use tcptrace::event::{
+    Dir, Event, Family, Segment, StateChange, TcpFlags as F, TcpOptions, TcpState as S,
+};
 use tcptrace::matcher::{Matcher, MatcherConfig};
 use tcptrace::render::{self, Clock, Mode};
 
@@ -35,9 +42,78 @@ const STEPS: [(bool, S, S, u64); 10] = [
     (true, S::LastAck, S::Close, 65_300),
 ];
 
-fn events(conns: u64) -> Vec<Event> {
+/// (client sends?, flags, ns after connect()) of the control segments of one
+/// storm connection on `lo` egress: the server closes first, the client's
+/// FIN carries the ACK of the server's.
+const SEGMENTS: [(bool, u8, u64); 6] = [
+    (true, F::SYN, 4_000),
+    (false, F::SYN | F::ACK, 7_500),
+    (true, F::ACK, 9_500),
+    (false, F::FIN | F::ACK, 33_500),
+    (true, F::FIN | F::ACK, 39_800),
+    (false, F::ACK, 60_900),
+];
+
+fn segment(
+    i: u64,
+    start: u64,
+    cport: u16,
+    lo: IpAddr,
+    iface: &Arc<str>,
+    seg: (bool, u8, u64),
+) -> Event {
+    let (client, flags, at) = seg;
+    // Initial sequence numbers; each side sends 8 bytes before the FINs.
+    let (ciss, siss) = (
+        (i as u32).wrapping_mul(2_654_435_761),
+        (i as u32).wrapping_mul(40_503),
+    );
+    let (cnxt, snxt) = (ciss.wrapping_add(1), siss.wrapping_add(1));
+    let (seq, ack) = match (client, flags) {
+        (true, F::SYN) => (ciss, 0),
+        (false, _) if flags & F::SYN != 0 => (siss, cnxt),
+        (true, F::ACK) => (cnxt, snxt),
+        (false, _) if flags & F::FIN != 0 => (snxt + 8, cnxt + 8),
+        (true, _) => (cnxt + 8, snxt + 9),
+        (false, _) => (snxt + 9, cnxt + 9),
+    };
+    let syn = flags & F::SYN != 0;
+    let options = TcpOptions {
+        mss: syn.then_some(65_495),
+        wscale: syn.then_some(7),
+        sack_ok: syn,
+        tsval: Some((start / 1_000_000) as u32),
+        tsecr: Some(if flags == F::SYN {
+            0
+        } else {
+            (start / 1_000_000) as u32
+        }),
+    };
+    let (sport, dport) = if client { (cport, 80) } else { (80, cport) };
+    Event::Segment(Segment {
+        ts_ns: start + at,
+        ifindex: 1,
+        iface: Some(iface.clone()),
+        dir: Dir::Egress,
+        family: Family::Ipv4,
+        saddr: lo,
+        sport,
+        daddr: lo,
+        dport,
+        flags: F(flags),
+        seq,
+        ack,
+        win: if syn { 65_483 } else { 512 },
+        len: 0,
+        options,
+        netns: 4026531833,
+    })
+}
+
+fn events(conns: u64, wire: bool) -> Vec<Event> {
+    let iface: Arc<str> = Arc::from("lo");
     let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let mut v = Vec::with_capacity(conns as usize * STEPS.len());
+    let mut v = Vec::with_capacity(conns as usize * (STEPS.len() + SEGMENTS.len()));
     for i in 0..conns {
         let start = 1_000_000_000 + i * START_EVERY_NS;
         let cport = 20_000 + (i % 40_000) as u16;
@@ -46,6 +122,11 @@ fn events(conns: u64) -> Vec<Event> {
             0xffff_8880_0000_0000 + slot * 0x1000,
             0xffff_8880_1000_0000 + slot * 0x1000,
         );
+        if wire {
+            for &seg in &SEGMENTS {
+                v.push(segment(i, start, cport, lo, &iface, seg));
+            }
+        }
         let mut last = [start, start];
         for &(client, old, new, at) in &STEPS {
             let ts = start + at;
@@ -103,7 +184,12 @@ fn main() -> Result<()> {
         Some("events") => Mode::Events,
         Some(other) => bail!("unknown mode {other:?}: json, timeline or events"),
     };
-    let evs = events(conns);
+    let wire = match args.next().as_deref() {
+        None => false,
+        Some("wire") => true,
+        Some(other) => bail!("unknown argument {other:?}: wire or nothing"),
+    };
+    let evs = events(conns, wire);
     let n = evs.len() as u64;
     let clock = Clock::epoch();
     let mut out: Vec<u8> = Vec::with_capacity(1 << 20);

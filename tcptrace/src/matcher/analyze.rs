@@ -10,7 +10,6 @@
 //! 4. infer TIME_WAIT, which the tracepoint cannot show.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use crate::event::{Dir, Event, Family, Segment, StateChange, TcpState};
@@ -912,7 +911,9 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
         cause: Option<usize>,
     }
     let mut ksteps: Vec<KStep> = Vec::with_capacity(changes.len());
-    let mut explained: HashMap<(usize, Side, Pred), bool> = HashMap::new();
+    // Per wire step, the (side, role) pairs a kernel step was matched to.
+    let mut explained = vec![0u16; wires.len()];
+    let role = |side: Side, pred: Pred| 1u16 << (idx(side) * 6 + pred as usize);
     for sock in &socks {
         let mut prev_ts: Option<u64> = None;
         for sc in &sock.changes {
@@ -930,7 +931,7 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
                     .iter()
                     .find(|&&(who, pred)| ctx.matches(w, sock.side, who, pred, sc.ts_ns));
                 if let Some(&(_, pred)) = hit {
-                    explained.insert((wi, sock.side, pred), true);
+                    explained[wi] |= role(sock.side, pred);
                     let d = w
                         .obs
                         .iter()
@@ -1001,14 +1002,12 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
                 _ => (&[], Pred::Rst),
             };
             for &side in sides {
-                if traced(side)
-                    && !explained.contains_key(&(wi, side, pred))
-                    && !gone_before(side, w.ts)
+                if traced(side) && explained[wi] & role(side, pred) == 0 && !gone_before(side, w.ts)
                 {
                     // An RST is explained by either end's transition.
                     if w.class == Class::Rst
-                        && (explained.contains_key(&(wi, Side::Client, pred))
-                            || explained.contains_key(&(wi, Side::Server, pred)))
+                        && explained[wi] & (role(Side::Client, pred) | role(Side::Server, pred))
+                            != 0
                     {
                         continue;
                     }
@@ -1614,7 +1613,8 @@ enum Who {
     Either,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Six roles: `explained` keeps one bit per side and role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pred {
     Syn,
     SynAck,
