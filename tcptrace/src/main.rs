@@ -409,6 +409,7 @@ async fn run_live(
     // the rings fill, and the kernel counts what it drops.
     let (tx, mut rx) = mpsc::channel::<Msg>(QUEUED_BATCHES);
     let mut marks = Watermarks::new(rings.len());
+    let mut readers = Vec::with_capacity(rings.len());
     for (i, ring) in rings.into_iter().enumerate() {
         let r = reader::Reader {
             ring: i,
@@ -419,7 +420,7 @@ async fn run_live(
             intake: intake.clone(),
             tx: tx.clone(),
         };
-        tokio::spawn(reader::read_ring(ring, r));
+        readers.push(tokio::spawn(reader::read_ring(ring, r)));
     }
     drop(tx);
     let deadline = stop.after.map(|d| tokio::time::Instant::now() + d);
@@ -505,7 +506,9 @@ async fn run_live(
                     }
                 }
                 out.flush()?;
-                if intake.failed() {
+                // A reader ends early only when it fails: its ring is no
+                // longer read, so the run ends rather than go on without it.
+                if intake.failed() || readers.iter().any(|h| h.is_finished()) {
                     break 'run;
                 }
                 let lost = tracer.lost();
@@ -584,15 +587,33 @@ async fn run_live(
             emit(&mut out, &c)?;
         }
     }
+    // A reader still running after the stop's read is stuck and left
+    // behind (said above); one that ended with an error failed the run.
+    let mut failure = None;
+    for (i, h) in readers.into_iter().enumerate() {
+        if !h.is_finished() {
+            continue;
+        }
+        let res = match h.await {
+            Ok(res) => res,
+            Err(e) => Err(anyhow::anyhow!("{e}")),
+        };
+        if let Err(e) = res {
+            failure.get_or_insert(e.context(format!(
+                "reading ring buffer {i} failed; its events from then on are missing"
+            )));
+        }
+    }
     let (claims, claimed_ms) = threads.claimed();
     let (ring_full, missed) = (tracer.lost(), tracer.missed());
     let lost = ring_full + missed;
     let undecodable = stats.undecodable.load(Ordering::Relaxed);
+    let unmatched = matcher.stats().unresolved_state_events;
     if mode == Mode::Json {
         writeln!(
             out,
             "{}",
-            serde_json::json!({"type": "summary", "events": events, "lost": lost, "ring_full": ring_full, "missed": missed, "undecodable": undecodable, "priority_claims": claims, "priority_claimed_ms": claimed_ms})
+            serde_json::json!({"type": "summary", "events": events, "lost": lost, "ring_full": ring_full, "missed": missed, "undecodable": undecodable, "unmatched_state_changes": unmatched, "priority_claims": claims, "priority_claimed_ms": claimed_ms})
         )?;
     }
     out.finish()?;
@@ -612,7 +633,13 @@ async fn run_live(
             String::new()
         }
     );
-    Ok(())
+    if unmatched > 0 {
+        eprintln!("tcptrace: {unmatched} state changes are in no connection record: their socket never had both ports (a connect() that failed before a source port was chosen, or a socket tcptrace saw only in part); --events and --json show them");
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// A reader's batch into the matcher's queue (when matching), the emptied

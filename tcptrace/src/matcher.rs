@@ -673,6 +673,17 @@ impl Matcher {
     }
 
     fn park(&mut self, sc: StateChange) {
+        // A socket that closes without both ports never gets them (a
+        // connect() that failed before the kernel chose a source port):
+        // the next socket at its address must not inherit its events.
+        if sc.newstate == TcpState::Close {
+            let held = self
+                .pending
+                .remove(&sc.skaddr)
+                .map_or(0, |p| p.len() as u64);
+            self.stats.unresolved_state_events += held + 1;
+            return;
+        }
         if let Some(p) = self.pending.get_mut(&sc.skaddr) {
             p.last_ts = p.last_ts.max(sc.ts_ns);
             if p.len() < 64 {

@@ -263,3 +263,50 @@ fn count_stops_after_exactly_n_events() {
     assert_eq!(last["type"], "summary", "the summary comes last: {last}");
     assert_eq!(last["events"], 7, "{last}");
 }
+
+/// Ephemeral ports run out (one port in a fresh namespace, already taken
+/// towards the same server): connect() fails with EADDRNOTAVAIL after the
+/// kernel reported CLOSE → SYN_SENT and before it chose a source port, so
+/// the socket's two state changes carry source port 0 and belong to no
+/// connection record. They are printed, and the summary counts them.
+#[test]
+fn a_connect_out_of_ports_is_in_the_summary() {
+    if !need_root("a_connect_out_of_ports_is_in_the_summary") {
+        return;
+    }
+    let net = NetPair::new();
+    let port = free_port();
+    let t = Trace::start(&["--json", "--no-wire", "--port", &port.to_string()]);
+    let err = in_netns(Some(&net.a), move || {
+        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "45000 45000")
+            .expect("one ephemeral port in the test namespace");
+        let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let listener = std::net::TcpListener::bind(server).unwrap();
+        let first = std::net::TcpStream::connect(server).expect("the one port");
+        let second = std::net::TcpStream::connect(server);
+        drop((first, listener));
+        second.err().and_then(|e| e.raw_os_error())
+    });
+    assert_eq!(err, Some(libc::EADDRNOTAVAIL), "the second connect()");
+    let events = t.stop();
+    let states = of_type(&events, "state");
+    let failed: Vec<_> = states
+        .iter()
+        .filter(|s| s["sport"] == 0 && s["dport"] == port)
+        .map(|s| {
+            format!(
+                "{}→{}",
+                s["oldstate"].as_str().unwrap(),
+                s["newstate"].as_str().unwrap()
+            )
+        })
+        .collect();
+    // The one that worked also reports CLOSE → SYN_SENT before its port.
+    assert_eq!(
+        failed,
+        ["CLOSE→SYN_SENT", "CLOSE→SYN_SENT", "SYN_SENT→CLOSE"],
+        "{states:#?}"
+    );
+    let summary = of_type(&events, "summary");
+    assert_eq!(summary[0]["unmatched_state_changes"], 2, "{summary:?}");
+}

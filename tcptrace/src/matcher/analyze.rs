@@ -10,6 +10,7 @@
 //! 4. infer TIME_WAIT, which the tracepoint cannot show.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use crate::event::{Dir, Event, Family, Segment, StateChange, TcpState};
@@ -301,7 +302,10 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
     let mut syn_times: Vec<u64> = Vec::new();
     let mut synack_seen: Vec<u32> = Vec::new();
     let mut synack_retx = 0u32;
-    let mut stale_synack: Vec<(u32, usize)> = Vec::new();
+    // Stale SYN-ACKs by their ack number, each with its `bad_ack` anomaly
+    // until a client RST answers it: a RST answers each at most once, so a
+    // capture repeating both cannot grow the details without bound.
+    let mut stale_synack: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     let mut max_end: [Option<u32>; 2] = [None, None];
     let mut fin: [Option<u32>; 2] = [None, None];
     let mut fin_step: [Option<usize>; 2] = [None, None];
@@ -355,9 +359,7 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
                 a.ts_ns = Some(ts);
                 a.step = Some(i);
                 anomalies.push(a);
-            } else if !handshake_done
-                && from == Side::Client
-                && stale_synack.iter().any(|&(ack, _)| ack == seg.seq)
+            } else if !handshake_done && from == Side::Client && stale_synack.contains_key(&seg.seq)
             {
                 class = Class::RstIgnored;
                 name = "RST (rejects old duplicate)".into();
@@ -366,15 +368,12 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
                     "the client rejects the unacceptable SYN-ACK with RST seq={}: the old duplicate is defeated and the handshake goes on (RFC 9293 §3.5, figure 8)",
                     seg.seq
                 ).into();
-                for &(ack, at) in &stale_synack {
-                    if ack == seg.seq {
-                        if let Some(a) = anomalies
-                            .iter_mut()
-                            .find(|a| a.kind == AnomalyKind::BadAck && a.step == Some(at))
-                        {
-                            a.detail.push_str("; answered by RST");
-                        }
-                    }
+                for k in stale_synack
+                    .get_mut(&seg.seq)
+                    .map(std::mem::take)
+                    .unwrap_or_default()
+                {
+                    anomalies[k].detail.push_str("; answered by RST");
                 }
             } else if terminal_rst.is_some() {
                 class = Class::Rst;
@@ -518,7 +517,10 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
                     isn_c.unwrap_or(0).wrapping_add(1),
                     seg.ack
                 ).into();
-                stale_synack.push((seg.ack, i));
+                stale_synack
+                    .entry(seg.ack)
+                    .or_default()
+                    .push(anomalies.len());
                 let mut a = Anomaly::new(
                     AnomalyKind::BadAck,
                     format!(
@@ -749,6 +751,11 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
             if !named {
                 class = Class::Data;
                 name = if seg.len > 0 { "data" } else { "ACK" }.into();
+                // A pure ACK sent again is a duplicate ACK (its sender saw a
+                // loss or reordering), not a retransmission.
+                if seg.len == 0 {
+                    retrans = false;
+                }
             }
         }
 

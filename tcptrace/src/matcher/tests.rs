@@ -648,6 +648,61 @@ fn scenario_table() {
     }
 }
 
+/// A lost data segment: the receiver's duplicate ACKs (the same pure ACK
+/// three times) are not retransmissions; the resent segment is.
+#[test]
+fn duplicate_acks_are_not_retransmissions() {
+    let mut c = Conn::new("10.0.0.1:40020", "10.0.0.2:80");
+    c.handshake();
+    c.client(F::PSH | F::ACK, 100);
+    let lost = c.client(F::PSH | F::ACK, 100).clone();
+    // Acknowledges the first segment only, three times.
+    c.server(F::ACK, 0).ack -= 100;
+    c.resend();
+    c.resend();
+    let mut again = lost;
+    again.ts_ns = c.now_ns;
+    c.segments.push(again);
+    c.wait(1_000_000);
+    c.server(F::ACK, 0);
+    four_segment_close(&mut c, true);
+    let c = &run_pcap(&c.pcap())[0];
+    let ctx = timeline::to_string(c);
+    assert_eq!(c.retransmissions, 1, "{ctx}");
+    assert_eq!(step(c, "data").retransmissions, Some(1), "{ctx}");
+    assert_eq!(c.bytes_client, Some(200), "{ctx}");
+}
+
+/// Stale SYN-ACKs and the client's RSTs repeated many times: each
+/// `bad_ack` anomaly says once that it was answered (the details grew with
+/// every RST × SYN-ACK pair, quadratic in the segments of one capture).
+#[test]
+fn repeated_stale_synacks_and_rsts_stay_linear() {
+    let mut c = Conn::new("10.0.0.1:40021", "10.0.0.2:80");
+    c.client(F::SYN, 0);
+    for _ in 0..2000 {
+        let s = c.server(F::SYN | F::ACK, 0);
+        s.seq = 300;
+        s.ack = 91;
+        c.client(F::RST, 0).seq = 91;
+    }
+    let c = &run_pcap(&c.pcap())[0];
+    let bad: Vec<_> = c
+        .anomalies
+        .iter()
+        .filter(|a| a.kind == AnomalyKind::BadAck)
+        .collect();
+    assert_eq!(bad.len(), 2000);
+    for a in bad {
+        assert_eq!(
+            a.detail.matches("answered by RST").count(),
+            1,
+            "{}",
+            a.detail
+        );
+    }
+}
+
 fn scenario(name: &str) -> Vec<Connection> {
     let sc = scenarios()
         .into_iter()

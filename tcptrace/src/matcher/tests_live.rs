@@ -245,6 +245,46 @@ fn recycled_socket_addresses_start_new_connections() {
     }
 }
 
+/// A connect() that fails before the kernel chooses a source port
+/// (EADDRNOTAVAIL): CLOSE → SYN_SENT → CLOSE, both with sport 0. Its two
+/// state changes are counted as in no record, and the next connection at
+/// the same socket address does not inherit them.
+#[test]
+fn a_connect_failing_before_its_port_is_counted_not_inherited() {
+    use TcpState::*;
+    let mut failed = state(0, true, SynSent, Close, 0);
+    if let Event::State(sc) = &mut failed {
+        sc.sport = 0;
+    }
+    let mut ev = vec![state(0, true, Close, SynSent, 0), failed];
+    ev.extend(full_conversation().into_iter().map(|mut e| {
+        if let Event::State(sc) = &mut e {
+            sc.ts_ns += 1_000_000;
+        }
+        if let Event::Segment(s) = &mut e {
+            s.ts_ns += 1_000_000;
+        }
+        e
+    }));
+    let (conns, stats) = run(&ev);
+    assert_eq!(conns.len(), 1, "{conns:#?}");
+    assert_eq!(stats.unresolved_state_events, 2);
+    let c = &conns[0];
+    let text = timeline::to_string(c);
+    assert_eq!(
+        spans(c, Side::Client).first().map(|s| s.0),
+        Some(SynSent),
+        "{text}"
+    );
+    let client_changes = c
+        .steps
+        .iter()
+        .filter(|s| s.kind == StepKind::Kernel && s.side == Some(Side::Client))
+        .count();
+    assert_eq!(client_changes, 5, "{text}");
+    assert!(c.anomalies.is_empty(), "{:?}\n{text}", c.anomalies);
+}
+
 #[test]
 fn live_time_in_states_per_socket() {
     use TcpState::*;
