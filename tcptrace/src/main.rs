@@ -186,7 +186,13 @@ fn cleanup() -> Result<i32> {
 }
 
 fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
-    let cap = tcptrace::pcap::read_file(file)?;
+    let data = std::fs::read(file)
+        .with_context(|| format!("cannot read capture file {}", file.display()))?;
+    let (cap, broken) = tcptrace::pcap::read_partial(&data);
+    drop(data);
+    if let (0, Some(e)) = (cap.stats.packets, &broken) {
+        return Err(e.clone()).with_context(|| format!("bad capture file {}", file.display()));
+    }
     let clock = Clock::epoch();
     let mut out = BufWriter::with_capacity(OUT_BUFFER, std::io::stdout().lock());
     let mut m = Matcher::new(MatcherConfig::default());
@@ -205,6 +211,14 @@ fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
         "tcptrace: {} packets, {} TCP segments ({} non-TCP, {} truncated, {} unsupported skipped)",
         s.packets, s.tcp_segments, s.skipped_non_tcp, s.skipped_truncated, s.skipped_unsupported
     );
+    if let Some(e) = broken {
+        eprintln!(
+            "tcptrace: error: capture file {} breaks {e}; shown above is what the {} packets before that point hold (a capture cut short, or still being written)",
+            file.display(),
+            s.packets
+        );
+        return Ok(2);
+    }
     Ok(0)
 }
 

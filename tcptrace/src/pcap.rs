@@ -8,7 +8,8 @@
 //!
 //! A structurally broken file (bad magic, a record running past the end, a
 //! pcapng block whose trailer disagrees with its header, …) is an error that
-//! names the byte offset; a broken *packet* inside a sound file is only
+//! names the byte offset, and [`read_partial`] keeps the packets before it
+//! (a capture cut short); a broken *packet* inside a sound file is only
 //! counted, as tcpdump prints what it can and moves on.
 
 use std::fmt;
@@ -89,12 +90,23 @@ pub fn read_file(path: &Path) -> anyhow::Result<Capture> {
 
 /// Decodes a capture held in memory; the format is told by its magic number.
 pub fn read_bytes(data: &[u8]) -> Result<Capture, PcapError> {
+    match read_partial(data) {
+        (c, None) => Ok(c),
+        (_, Some(e)) => Err(e),
+    }
+}
+
+/// Decodes what a capture holds up to where it breaks, and the error there:
+/// a capture still being written, or killed mid-write, ends inside a
+/// record, and tcpdump too shows the packets before it.
+pub fn read_partial(data: &[u8]) -> (Capture, Option<PcapError>) {
     let mut sink = Sink::default();
-    format::read(data, &mut sink)?;
-    Ok(Capture {
+    let broken = format::read(data, &mut sink).err();
+    let c = Capture {
         events: sink.events,
         stats: sink.stats,
-    })
+    };
+    (c, broken)
 }
 
 /// Where the container readers deliver packets; keeps the counting in one

@@ -215,3 +215,48 @@ fn read_file_errors_name_the_file() {
         .downcast_ref::<PcapError>()
         .is_some_and(|pe| pe.offset == 32));
 }
+
+/// A capture cut short (tcpdump killed mid-write, or still writing) is not
+/// thrown away: `tcptrace pcap` shows what the packets before the break
+/// hold, then says where the file breaks and exits with status 2.
+#[test]
+fn a_capture_cut_short_shows_what_comes_before_the_break() {
+    let s = seed();
+    let dir = std::env::temp_dir().join(format!("tcptrace-cut-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let cut = dir.join("cut.pcap");
+    // Seven bytes into the last record's header.
+    let last = s.len() - 7;
+    std::fs::write(&cut, &s[..last]).expect("write the cut capture");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+        .args(["pcap", "--json"])
+        .arg(&cut)
+        .output()
+        .expect("run tcptrace pcap");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let connections = stdout
+        .lines()
+        .filter(|l| l.starts_with(r#"{"type":"connection""#))
+        .count();
+    assert_eq!(connections, 2, "{stdout}");
+    assert!(
+        stderr.contains("breaks at byte offset") && stderr.contains("cut short"),
+        "{stderr}"
+    );
+
+    // Nothing readable at all stays a plain error.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+        .args(["pcap", "/dev/null"])
+        .output()
+        .expect("run tcptrace pcap");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad capture file /dev/null"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
