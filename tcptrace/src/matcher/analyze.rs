@@ -1110,25 +1110,44 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
         }
     }
 
-    // Handshake RTTs, at the vantage point of the side they belong to.
-    let synack_i = synack_step;
+    // Handshake RTTs. A round trip is a segment leaving a place and its
+    // answer arriving there: live, the directions say which observations
+    // are one (SYN-ACK in and ACK out is the client's own turnaround, not a
+    // round trip). A capture does not say where it was taken; the longer
+    // gap tells: near the client SYN → SYN-ACK is the round trip and
+    // SYN-ACK → ACK the client's turnaround, near the server the other way
+    // round. The far side's RTT is then SYN → ACK, which exceeds it only by
+    // the near side's turnaround.
     let mut rtt_client = None;
     let mut rtt_server = None;
-    if let Some(sa) = synack_i {
-        let syn_before = wires[..sa]
+    if let Some(sa) = synack_step {
+        let syn = wires[..sa]
             .iter()
             .rev()
             .find(|w| w.from == Side::Client && w.class == Class::Syn);
-        if let Some(syn) = syn_before {
-            rtt_client = rtt(syn, &wires[sa]);
-        }
-        if let Some(ha) = handshake_ack_step {
+        let handshake = handshake_ack_step.map(|ha| {
             let sa_last = wires[..ha]
                 .iter()
                 .rev()
                 .find(|w| w.from == Side::Server && w.class == Class::SynAck)
                 .unwrap_or(&wires[sa]);
-            rtt_server = rtt(sa_last, &wires[ha]);
+            (sa_last, &wires[ha])
+        });
+        if live {
+            rtt_client = syn.and_then(|syn| rtt(syn, &wires[sa]));
+            rtt_server = handshake.and_then(|(sa_last, ack)| rtt(sa_last, ack));
+        } else {
+            let there = syn.and_then(|syn| wires[sa].ts.checked_sub(syn.ts));
+            let back = handshake.and_then(|(sa_last, ack)| ack.ts.checked_sub(sa_last.ts));
+            let whole = syn
+                .zip(handshake)
+                .and_then(|(syn, (_, ack))| ack.ts.checked_sub(syn.ts));
+            (rtt_client, rtt_server) = match (there, back) {
+                (Some(c), Some(s)) if c >= s => (Some(c), whole),
+                (Some(_), Some(s)) => (whole, Some(s)),
+                // No ACK to tell the place by.
+                (c, _) => (c, None),
+            };
         }
     }
     if rtt_client.is_none() {
@@ -1593,24 +1612,26 @@ fn kernel_close(socks: &[Sock]) -> Option<(Close, Option<Side>)> {
 /// Client RTT: SYN → SYN-ACK; server RTT: SYN-ACK → ACK. Measured where the
 /// first segment left (egress) and the answer came back (ingress) on the
 /// same interface; a capture file is one such place.
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// From `a` leaving a place to `b` arriving at the same place, live: the
+/// round trip there; the shortest where several places saw both. On
+/// loopback (ifindex 1 in every namespace) only egress is watched, and a
+/// segment arrives as it leaves.
 fn rtt(a: &Wire, b: &Wire) -> Option<u64> {
-    let mut best: Option<(u8, u64)> = None;
-    for oa in a.obs.iter() {
+    let mut best: Option<u64> = None;
+    for oa in a.obs.iter().filter(|o| o.dir == Dir::Egress) {
         for ob in b.obs.iter() {
-            if oa.netns != ob.netns || oa.ifindex != ob.ifindex || ob.ts_ns < oa.ts_ns {
+            let arrives = ob.dir == Dir::Ingress || ob.ifindex == LOOPBACK_IFINDEX;
+            if !arrives || oa.netns != ob.netns || oa.ifindex != ob.ifindex || ob.ts_ns < oa.ts_ns {
                 continue;
             }
-            let rank = match (oa.dir, ob.dir) {
-                (Dir::Egress, Dir::Ingress) | (Dir::Capture, Dir::Capture) => 0,
-                _ => 1,
-            };
             let v = ob.ts_ns - oa.ts_ns;
-            if best.is_none_or(|(r, _)| rank < r) {
-                best = Some((rank, v));
-            }
+            best = Some(best.map_or(v, |b| b.min(v)));
         }
     }
-    best.map(|(_, v)| v).or_else(|| b.ts.checked_sub(a.ts))
+    best
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

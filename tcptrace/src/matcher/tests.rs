@@ -97,8 +97,10 @@ fn seed_first_connection_numbers_match_tcpdump() {
     );
     // 1538302151.163215 SYN → .163355 SYN-ACK, capture taken at the client.
     assert_eq!(c.handshake_rtt_ns, Some(140_000));
-    // .163355 SYN-ACK → .163390 ACK.
-    assert_eq!(c.handshake_rtt_server_ns, Some(35_000));
+    // The server's is not measured where the capture was taken (.163355
+    // SYN-ACK → .163390 ACK is the client's own turnaround); SYN → ACK,
+    // .163215 → .163390, is the round trip plus that turnaround.
+    assert_eq!(c.handshake_rtt_server_ns, Some(175_000));
     assert_eq!(c.first_ts_ns, 1_538_302_151_163_215_000);
     assert_eq!(c.duration_ns, 1_667_000);
 
@@ -178,6 +180,26 @@ fn seed_first_connection_numbers_match_tcpdump() {
     );
 }
 
+/// A capture does not say where it was taken: near the server, SYN →
+/// SYN-ACK is the server's own turnaround, not a round trip. The longer gap
+/// tells the place, and the RTTs are taken accordingly.
+#[test]
+fn handshake_rtts_from_a_capture_taken_near_the_server() {
+    let mut c = Conn::new("10.0.0.1:40030", "10.0.0.2:80");
+    c.step_ns = 0;
+    c.client(F::SYN, 0);
+    c.wait(15_000); // the server answers 15 µs after the SYN arrived
+    c.server(F::SYN | F::ACK, 0);
+    c.wait(80_000_000); // 80 ms to the client and back
+    c.client(F::ACK, 0);
+    c.wait(1_000_000);
+    four_segment_close(&mut c, true);
+    let conn = &run_pcap(&c.pcap())[0];
+    let ctx = timeline::to_string(conn);
+    assert_eq!(conn.handshake_rtt_server_ns, Some(80_000_000), "{ctx}");
+    assert_eq!(conn.handshake_rtt_ns, Some(80_015_000), "{ctx}");
+}
+
 #[test]
 fn seed_second_connection_numbers_match_tcpdump() {
     let c = &seed()[1];
@@ -233,7 +255,7 @@ fn seed_json_summary_contract() {
     assert_eq!(v["isn_client"], 3124300130u64);
     assert_eq!(v["isn_server"], 2508684482u64);
     assert_eq!(v["handshake_rtt_ns"], 140000);
-    assert_eq!(v["handshake_rtt_server_ns"], 35000);
+    assert_eq!(v["handshake_rtt_server_ns"], 175000);
     assert_eq!(v["bytes_client"], 151);
     assert_eq!(v["bytes_server"], 65800);
     assert_eq!(v["open"], "active");
