@@ -34,7 +34,10 @@ pub struct StateEvent {
     /// Host byte order.
     pub sport: u16,
     pub dport: u16,
-    pub _pad0: u16,
+    /// 1 when `bytes_acked` and `bytes_received` are the socket's counters
+    /// (read at → CLOSE), 0 when they are not filled in.
+    pub counters: u8,
+    pub _pad0: u8,
     pub pid: u32,
     pub ts_ns: u64,
     pub skaddr: u64,
@@ -46,6 +49,10 @@ pub struct StateEvent {
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
     pub comm: [u8; TASK_COMM_LEN],
+    /// The socket's `tcp_sock.bytes_acked` (bytes it sent that the peer
+    /// acknowledged) and `bytes_received`, 64-bit, at → CLOSE.
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
 }
 
 /// One TCP control segment seen by a TC classifier.
@@ -104,7 +111,11 @@ pub struct Filter {
     pub off_fdt_fd: u32,
     pub off_file_private_data: u32,
     pub off_socket_sk: u32,
-    pub _pad: u32,
+    /// `tcp_sock.bytes_acked` and `tcp_sock.bytes_received` from a `struct
+    /// sock *` (a TCP socket's `struct sock` is the start of its
+    /// `tcp_sock`). 0 disables reading them.
+    pub off_bytes_acked: u32,
+    pub off_bytes_received: u32,
 }
 
 impl Filter {
@@ -125,7 +136,8 @@ impl Filter {
             off_fdt_fd: 0,
             off_file_private_data: 0,
             off_socket_sk: 0,
-            _pad: 0,
+            off_bytes_acked: 0,
+            off_bytes_received: 0,
         }
     }
 }

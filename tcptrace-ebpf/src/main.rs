@@ -291,6 +291,23 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         info.netns = netns;
 
+        // A socket's byte counters are final when it closes: 64-bit, where
+        // FIN seq − ISN wraps at 4 GiB and a reset leaves no FIN at all.
+        let f = filter();
+        let (counters, bytes_acked, bytes_received) =
+            if newstate == TCP_CLOSE && oldstate != TCP_LISTEN && f.off_bytes_acked != 0 {
+                let at = |off: u32| (skaddr + off as u64) as *const u64;
+                match (
+                    bpf_probe_read_kernel(at(f.off_bytes_acked)),
+                    bpf_probe_read_kernel(at(f.off_bytes_received)),
+                ) {
+                    (Ok(a), Ok(r)) => (1u8, a, r),
+                    _ => (0, 0, 0),
+                }
+            } else {
+                (0, 0, 0)
+            };
+
         match EVENTS.reserve::<StateEvent>(0) {
             Some(mut entry) => {
                 let ev = entry.as_mut_ptr();
@@ -305,6 +322,7 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
                     (*ev).family = family;
                     (*ev).sport = sport;
                     (*ev).dport = dport;
+                    (*ev).counters = counters;
                     (*ev)._pad0 = 0;
                     (*ev).pid = info.pid;
                     (*ev).ts_ns = now;
@@ -316,6 +334,8 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
                     *(core::ptr::addr_of_mut!((*ev).daddr) as *mut Addr) = daddr;
                     *(core::ptr::addr_of_mut!((*ev).comm) as *mut [u64; 2]) =
                         *(info.comm.as_ptr() as *const [u64; 2]);
+                    (*ev).bytes_acked = bytes_acked;
+                    (*ev).bytes_received = bytes_received;
                 }
                 entry.submit(0);
             }

@@ -156,6 +156,10 @@ fn events(conns: u64, wire: bool) -> Vec<Event> {
                 newstate: new,
                 prev_state_ns: prev,
                 netns: 4026531833,
+                // Each side sends 8 bytes and a FIN, the client a SYN
+                // before them: the kernel counts sequence space.
+                bytes_acked: (new == S::Close).then_some(if client { 10 } else { 9 }),
+                bytes_received: (new == S::Close).then_some(9),
             }));
         }
     }

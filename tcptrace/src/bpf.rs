@@ -237,6 +237,12 @@ impl Tracer {
             }
             Err(e) => log::warn!("accept() will not refine socket owners: {e:#}"),
         }
+        match btf::byte_counter_offsets(&btf) {
+            Ok((acked, received)) => {
+                (filter.off_bytes_acked, filter.off_bytes_received) = (acked, received);
+            }
+            Err(e) => log::warn!("bytes each way will come from sequence numbers only: {e:#}"),
+        }
         filter.netns = tracer.home.inode;
         let (mut ebpf, logger) = load_instance(cfg, &filter)?;
         tracer.loggers.extend(logger);

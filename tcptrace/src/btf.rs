@@ -216,6 +216,15 @@ pub fn accept_offsets(btf: &Btf) -> Result<[u32; 5]> {
     ])
 }
 
+/// Offsets of a TCP socket's 64-bit byte counters from its `struct sock`
+/// (the start of its `tcp_sock`): (bytes_acked, bytes_received).
+pub fn byte_counter_offsets(btf: &Btf) -> Result<(u32, u32)> {
+    Ok((
+        btf.offset_of("tcp_sock", &["bytes_acked"])?,
+        btf.offset_of("tcp_sock", &["bytes_received"])?,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +242,11 @@ mod tests {
         assert!(inum > 0 && inum < 4096, "inum offset {inum}");
         let acc = accept_offsets(&btf).unwrap();
         assert!(acc[0] > 0 && acc[3] > 0 && acc[4] > 0, "{acc:?}");
+        // Past struct sock (over 700 bytes), 8-byte aligned.
+        let (acked, received) = byte_counter_offsets(&btf).unwrap();
+        for off in [acked, received] {
+            assert!(off > 700 && off % 8 == 0, "counter offset {off}");
+        }
     }
 
     #[test]

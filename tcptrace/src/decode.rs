@@ -89,6 +89,8 @@ pub fn decode(buf: &[u8], names: &IfaceNames) -> Result<Event, DecodeError> {
                 newstate: TcpState::from_kernel(r.newstate),
                 prev_state_ns: r.prev_state_ns,
                 netns: r.netns,
+                bytes_acked: (r.counters != 0).then_some(r.bytes_acked),
+                bytes_received: (r.counters != 0).then_some(r.bytes_received),
             }))
         }
         Some(&EVENT_SEGMENT) => {
@@ -148,6 +150,7 @@ mod tests {
             family: AF_INET,
             sport: 40000,
             dport: 80,
+            counters: 0,
             _pad0: 0,
             pid: 42,
             ts_ns: 7,
@@ -158,6 +161,8 @@ mod tests {
             saddr,
             daddr: saddr,
             comm,
+            bytes_acked: 7,
+            bytes_received: 9,
         };
         let Event::State(s) = decode(&bytes(&r), &IfaceNames::new()).unwrap() else {
             panic!("not a state")
@@ -176,6 +181,24 @@ mod tests {
         assert_eq!(json["skaddr"], "0xffff888012345678");
         assert_eq!(json["oldstate"], "SYN_SENT");
         assert_eq!(json["family"], "ipv4");
+        // Counters only where the kernel side filled them in.
+        assert_eq!((s.bytes_acked, s.bytes_received), (None, None));
+        assert!(json.get("bytes_acked").is_none());
+        let closed = StateEvent {
+            oldstate: 9,
+            newstate: 7,
+            counters: 1,
+            bytes_acked: 5_000_000_000,
+            bytes_received: 1,
+            ..r
+        };
+        let Event::State(c) = decode(&bytes(&closed), &IfaceNames::new()).unwrap() else {
+            panic!("not a state")
+        };
+        assert_eq!(
+            (c.bytes_acked, c.bytes_received),
+            (Some(5_000_000_000), Some(1))
+        );
         // No owner seen: the task the kernel side reported is not given.
         let unknown = StateEvent {
             owner_known: 0,

@@ -379,6 +379,13 @@ pub struct StateChange {
     pub prev_state_ns: u64,
     /// Network namespace inode.
     pub netns: u32,
+    /// At → CLOSE, the socket's 64-bit counters: bytes it sent that the
+    /// peer acknowledged, and bytes it received (`tcp_sock.bytes_acked`,
+    /// `bytes_received`); absent on other transitions and from captures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_acked: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_received: Option<u64>,
 }
 
 fn is_zero(v: &u32) -> bool {

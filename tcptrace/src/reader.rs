@@ -473,6 +473,8 @@ mod tests {
             newstate: TcpState::SynSent,
             prev_state_ns: 0,
             netns: 1,
+            bytes_acked: None,
+            bytes_received: None,
         })
     }
 

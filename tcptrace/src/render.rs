@@ -517,6 +517,8 @@ impl<'a> Json<'a> {
         self.name(key!("newstate"), s.newstate.name());
         self.int(key!("prev_state_ns"), s.prev_state_ns);
         self.int(key!("netns"), s.netns);
+        self.some(key!("bytes_acked"), s.bytes_acked);
+        self.some(key!("bytes_received"), s.bytes_received);
         self.raw(b"}\n");
     }
 
@@ -800,6 +802,8 @@ mod tests {
             newstate: TcpState::FinWait1,
             prev_state_ns: 1_234_567,
             netns: 4026531840,
+            bytes_acked: None,
+            bytes_received: None,
         };
         let segment = Segment {
             ts_ns: 5_000_001_000,
@@ -870,6 +874,13 @@ mod tests {
                 ..state.clone()
             }));
         }
+        // A → CLOSE with the socket's byte counters.
+        cases.push(Event::State(StateChange {
+            newstate: TcpState::Close,
+            bytes_acked: Some(u64::MAX),
+            bytes_received: Some(0),
+            ..state.clone()
+        }));
         for (iface, dir, netns) in [(None, Dir::Capture, 0), (Some("we\"ird"), Dir::Ingress, 1)] {
             cases.push(Event::Segment(Segment {
                 iface: iface.map(Into::into),
@@ -945,6 +956,8 @@ mod tests {
                 daddr: ip(10 + i as u8, 100 + i as u8),
                 prev_state_ns: 10u64.pow(i as u32 * 2) - 1,
                 netns: u32::MAX - i as u32,
+                bytes_acked: None,
+                bytes_received: None,
                 oldstate: TcpState::from_kernel(i as u8 * 2),
                 newstate: TcpState::from_kernel(i as u8 * 2 + 1),
                 ..state.clone()

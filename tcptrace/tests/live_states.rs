@@ -79,6 +79,18 @@ fn check(
         } else if sk == child && e["newstate"] != "SYN_RECV" {
             assert_eq!(ports, (Some(sport), Some(cport)), "ports of {e}");
         }
+        // A connection's sockets report the kernel's byte counters as they
+        // close, in sequence space: the client's SYN, "hello" and FIN
+        // acknowledged, the server's FIN received; the server's child had
+        // its FIN acknowledged (its SYN-ACK was, before it existed) and
+        // received "hello" and the client's FIN.
+        let counters = (e["bytes_acked"].as_u64(), e["bytes_received"].as_u64());
+        match (e["newstate"] == "CLOSE", sk == client, sk == child) {
+            (true, true, _) => assert_eq!(counters, (Some(7), Some(1)), "{e}"),
+            (true, _, true) => assert_eq!(counters, (Some(1), Some(6)), "{e}"),
+            (false, ..) => assert_eq!(counters, (None, None), "{e}"),
+            _ => {}
+        }
     }
     let connect = states
         .iter()
@@ -88,6 +100,20 @@ fn check(
         connect["comm"],
         ex.client_comm.as_str(),
         "comm of the connecting thread"
+    );
+    // Without the wire, bytes each way come from those counters.
+    let conn = of_type(events, "connection")
+        .into_iter()
+        .find(|c| {
+            c["client"]
+                .as_str()
+                .is_some_and(|a| a.ends_with(&format!(":{}", ex.client_port)))
+        })
+        .unwrap_or_else(|| panic!("no connection record for port {}", ex.client_port));
+    assert_eq!(
+        (conn["bytes_client"].as_u64(), conn["bytes_server"].as_u64()),
+        (Some(5), Some(0)),
+        "{conn}"
     );
     // Time in SYN_SENT is reported on the way out of it.
     let est = states

@@ -1200,11 +1200,40 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
                 + dr.bytes,
         )
     };
-    let (bytes_client, bytes_server) = if views.wire {
+    let (mut bytes_client, mut bytes_server) = if views.wire {
         (bytes(Side::Client), bytes(Side::Server))
     } else {
         (None, None)
     };
+    // A socket's own counters at → CLOSE, where traced, are 64-bit (the
+    // sequence numbers wrap at 4 GiB) and there after a reset too: they
+    // lift the wire's count by whole multiples of 4 GiB, and are the count
+    // when the wire was not watched. What a side sent is what its peer
+    // received, or what it had acknowledged.
+    let counted = |side: Side| {
+        socks
+            .iter()
+            .filter(|s| s.side == side)
+            .find_map(payload_counters)
+    };
+    let (client_counts, server_counts) = (counted(Side::Client), counted(Side::Server));
+    let lift = |wire: Option<u64>, counted: Option<u64>| match (wire, counted) {
+        (Some(w), Some(c)) if c > w => Some(w + ((c - w + (1 << 31)) >> 32 << 32)),
+        (None, c) => c,
+        (w, _) => w,
+    };
+    bytes_client = lift(
+        bytes_client,
+        server_counts
+            .map(|(_, r)| r)
+            .or(client_counts.map(|(a, _)| a)),
+    );
+    bytes_server = lift(
+        bytes_server,
+        client_counts
+            .map(|(_, r)| r)
+            .or(server_counts.map(|(a, _)| a)),
+    );
 
     // Open, from the client's point of view (rule in `Open`'s doc).
     let kernel_sim = changes
@@ -1609,9 +1638,34 @@ fn kernel_close(socks: &[Sock]) -> Option<(Close, Option<Side>)> {
     Some((kind, Some(closer)))
 }
 
-/// Client RTT: SYN → SYN-ACK; server RTT: SYN-ACK → ACK. Measured where the
-/// first segment left (egress) and the answer came back (ingress) on the
-/// same interface; a capture file is one such place.
+/// Payload bytes a socket had acknowledged and received, from its counters
+/// at → CLOSE. The kernel counts sequence space: an active opener's SYN
+/// (acknowledged once it is ESTABLISHED; a passive child's SYN-ACK was
+/// acknowledged before the child existed) and each FIN are a byte. The
+/// socket's path says whether its own FIN was acknowledged (FIN_WAIT2
+/// reached, or CLOSING / LAST_ACK left for CLOSE) and whether the peer's
+/// arrived (CLOSE_WAIT or CLOSING reached, or FIN_WAIT2 left for CLOSE:
+/// the timewait socket takes over when it does). A reset in LAST_ACK, or a
+/// FIN_WAIT2 that times out, is one byte off; the wire's count, where
+/// watched, is not.
+fn payload_counters(sock: &Sock) -> Option<(u64, u64)> {
+    use TcpState::*;
+    let close = sock
+        .changes
+        .iter()
+        .rev()
+        .find(|c| c.bytes_acked.is_some())?;
+    let (acked, received) = close.bytes_acked.zip(close.bytes_received)?;
+    let reached = |st: TcpState| sock.changes.iter().any(|c| c.newstate == st);
+    let syn_acked = sock.side == Side::Client && close.oldstate != SynSent;
+    let fin_acked = reached(FinWait2) || matches!(close.oldstate, Closing | LastAck);
+    let fin_received = reached(CloseWait) || reached(Closing) || close.oldstate == FinWait2;
+    Some((
+        acked.saturating_sub(u64::from(syn_acked) + u64::from(fin_acked)),
+        received.saturating_sub(u64::from(fin_received)),
+    ))
+}
+
 /// The loopback device's index, the same in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 

@@ -102,6 +102,8 @@ fn state(t_us: u64, client: bool, old: TcpState, new: TcpState, prev_ns: u64) ->
         newstate: new,
         prev_state_ns: prev_ns,
         netns,
+        bytes_acked: None,
+        bytes_received: None,
     })
 }
 
@@ -283,6 +285,40 @@ fn a_connect_failing_before_its_port_is_counted_not_inherited() {
         .count();
     assert_eq!(client_changes, 5, "{text}");
     assert!(c.anomalies.is_empty(), "{:?}\n{text}", c.anomalies);
+}
+
+/// Bytes each way from the sockets' own counters at → CLOSE: exact past
+/// 4 GiB, where FIN seq − ISN wraps, and with or without the wire. The
+/// kernel counts sequence space: the client's SYN and each FIN are a byte.
+#[test]
+fn byte_counters_at_close_beat_sequence_numbers() {
+    const SENT: u64 = (1 << 32) + 100;
+    let with_counters = |e: Event| match e {
+        Event::State(mut sc) if sc.newstate == TcpState::Close => {
+            let client = sc.skaddr == SK_C;
+            sc.bytes_acked = Some(if client { SENT + 2 } else { 1 });
+            sc.bytes_received = Some(if client { 1 } else { SENT + 1 });
+            Event::State(sc)
+        }
+        other => other,
+    };
+    let ev: Vec<Event> = full_conversation().into_iter().map(with_counters).collect();
+    let (conns, _) = run(&ev);
+    let c = &conns[0];
+    assert_eq!((c.bytes_client, c.bytes_server), (Some(SENT), Some(0)));
+    // The wire alone says 100: the sequence numbers wrapped.
+    let (wire_only, _) = run(&full_conversation());
+    assert_eq!(wire_only[0].bytes_client, Some(100));
+    // Kernel only (--no-wire), one side traced: its counters say both ways.
+    let server_only: Vec<Event> = ev
+        .into_iter()
+        .filter(|e| matches!(e, Event::State(sc) if sc.skaddr == SK_S))
+        .collect();
+    let (conns, _) = run(&server_only);
+    assert_eq!(
+        (conns[0].bytes_client, conns[0].bytes_server),
+        (Some(SENT), Some(0))
+    );
 }
 
 #[test]
@@ -685,6 +721,8 @@ fn listener_events_never_create_connections() {
             newstate: new,
             prev_state_ns: 0,
             netns: NS_S,
+            bytes_acked: None,
+            bytes_received: None,
         })
     };
     let (conns, stats) = run(&[listen(Close, Listen), listen(Listen, Close)]);
@@ -825,6 +863,8 @@ fn random_event_soup_never_panics() {
                 newstate: TcpState::from_kernel(((r >> 17) % 14) as u8),
                 prev_state_ns: (r >> 20) % 1000,
                 netns: ((r >> 23) % 2) as u32,
+                bytes_acked: None,
+                bytes_received: None,
             })
         } else {
             let s = seg(
