@@ -580,12 +580,19 @@ async fn run_live(
     }
     // Then they stop taking events (they run on their own thread and would
     // keep the channel full under load); those they took, whose lines are
-    // out, are all counted, and those that reached the channel matched.
-    rx.close();
+    // out, are all counted and all matched: a batch taken just before
+    // still reaches the channel (the readers end, and the channel with
+    // them, unless one is stuck), and only then is the channel closed.
     let (events, failed) = intake.close();
     if let Some(e) = failed {
         return Err(e).context("cannot write the event lines");
     }
+    while let Ok(Some(msg)) = tokio::time::timeout(LAST_SEND_MAX, rx.recv()).await {
+        if let Msg::Events(batch) = msg {
+            hold(&mut order, &intake, batch, matching);
+        }
+    }
+    rx.close();
     while let Ok(msg) = rx.try_recv() {
         if let Msg::Events(batch) = msg {
             hold(&mut order, &intake, batch, matching);
@@ -672,6 +679,10 @@ const QUEUED_BATCHES: usize = 256;
 /// How long the readers may take, once the run stops, to read their rings
 /// up to the stop (a full 4 MiB ring is about 40,000 events, tens of ms).
 const STOP_READ_MAX: Duration = Duration::from_secs(2);
+
+/// How long, once the readers stop taking events, a batch one took just
+/// before may take to reach the channel.
+const LAST_SEND_MAX: Duration = Duration::from_millis(100);
 
 /// The most events taken from the channel and not matched yet (about 30
 /// MB): the matcher's loop takes no more batches until it is under that.

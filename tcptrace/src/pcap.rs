@@ -118,9 +118,17 @@ pub(crate) struct Sink {
 }
 
 impl Sink {
-    pub(crate) fn packet(&mut self, link: LinkType, ts_ns: u64, ifindex: u32, frame: &[u8]) {
+    /// `orig_len`: the packet's length on the wire, as its record says.
+    pub(crate) fn packet(
+        &mut self,
+        link: LinkType,
+        ts_ns: u64,
+        ifindex: u32,
+        frame: &[u8],
+        orig_len: usize,
+    ) {
         self.stats.packets += 1;
-        match decode::segment(link, frame, ts_ns, ifindex) {
+        match decode::segment(link, frame, orig_len, ts_ns, ifindex) {
             Ok(seg) => {
                 self.stats.tcp_segments += 1;
                 self.events.push(Event::Segment(seg));
@@ -225,6 +233,24 @@ mod tests {
         // The builder mirrors Linux: an IPv4 total length that cannot fit is 0.
         assert_eq!(&frame[16..18], &[0, 0]);
         let c = read_bytes(&build::pcap_file(&[(0, frame)], 1)).expect("decodes");
+        assert_eq!(only_segment(&c).len, 70_000);
+    }
+
+    /// A super-packet cut by the snaplen (`tcpdump -s 128` on the sender):
+    /// the IP header gives no length, the record's original length does.
+    #[test]
+    fn tso_super_packet_cut_by_snaplen_uses_original_length() {
+        let s = SegmentSpec {
+            payload_len: 70_000,
+            flags: TcpFlags::ACK,
+            ..SegmentSpec::default()
+        };
+        let opts = build::PcapOpts {
+            snaplen: 128,
+            ..build::PcapOpts::default()
+        };
+        let file = build::pcap_file_with(&[(0, build::ethernet_frame(&s))], 1, &opts);
+        let c = read_bytes(&file).expect("decodes");
         assert_eq!(only_segment(&c).len, 70_000);
     }
 

@@ -70,8 +70,16 @@ fn be32(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-pub(crate) fn segment(link: LinkType, frame: &[u8], ts_ns: u64, ifindex: u32) -> R<Segment> {
-    let ip = match link {
+/// `orig_len`: the frame's length on the wire, of which `frame` is what the
+/// snaplen kept.
+pub(crate) fn segment(
+    link: LinkType,
+    frame: &[u8],
+    orig_len: usize,
+    ts_ns: u64,
+    ifindex: u32,
+) -> R<Segment> {
+    let mut ip = match link {
         LinkType::Ethernet => {
             let et = be16(frame, 12).ok_or(Skip::Truncated)?;
             by_ethertype(et, frame.get(14..).ok_or(Skip::Truncated)?)?
@@ -119,6 +127,10 @@ pub(crate) fn segment(link: LinkType, frame: &[u8], ts_ns: u64, ifindex: u32) ->
         LinkType::Ipv4 => ipv4(frame)?,
         LinkType::Ipv6 => ipv6(frame)?,
     };
+    if ip.sized_by_frame {
+        // What the snaplen cut off is part of the segment too.
+        ip.tcp_len += orig_len.saturating_sub(frame.len());
+    }
     tcp(ip, ts_ns, ifindex)
 }
 
@@ -148,6 +160,9 @@ struct Ip<'a> {
     tcp: &'a [u8],
     /// TCP header + payload length according to the IP header.
     tcp_len: usize,
+    /// The IP header gave no length (0: a TSO/GSO super-packet or an IPv6
+    /// jumbogram), so `tcp_len` is what the captured frame holds.
+    sized_by_frame: bool,
 }
 
 fn ipv4(b: &[u8]) -> R<Ip<'_>> {
@@ -191,6 +206,7 @@ fn ipv4(b: &[u8]) -> R<Ip<'_>> {
         daddr: IpAddr::V4(Ipv4Addr::new(b[16], b[17], b[18], b[19])),
         tcp: &b[ihl..end],
         tcp_len,
+        sized_by_frame: total == 0,
     })
 }
 
@@ -243,6 +259,7 @@ fn ipv6(b: &[u8]) -> R<Ip<'_>> {
         daddr: addr(24),
         tcp: &rest[..end],
         tcp_len,
+        sized_by_frame: payload_len == 0,
     })
 }
 
@@ -302,30 +319,30 @@ mod tests {
 
     #[test]
     fn ipv4_length_rules() {
-        let s = segment(LinkType::Raw, &v4_tcp(40, 0, 6), 0, 0).expect("tcp");
+        let s = segment(LinkType::Raw, &v4_tcp(40, 0, 6), 0, 0, 0).expect("tcp");
         assert_eq!((s.seq, s.ack, s.len, s.win), (7, 9, 0, 256));
         // Non-first fragment.
-        let e = segment(LinkType::Raw, &v4_tcp(40, 0x0001, 6), 0, 0);
+        let e = segment(LinkType::Raw, &v4_tcp(40, 0x0001, 6), 0, 0, 0);
         assert_eq!(e, Err(Skip::Unsupported));
         // First fragment with MF set is decoded.
-        assert!(segment(LinkType::Raw, &v4_tcp(40, 0x2000, 6), 0, 0).is_ok());
+        assert!(segment(LinkType::Raw, &v4_tcp(40, 0x2000, 6), 0, 0, 0).is_ok());
         assert_eq!(
-            segment(LinkType::Raw, &v4_tcp(40, 0, 17), 0, 0),
+            segment(LinkType::Raw, &v4_tcp(40, 0, 17), 0, 0, 0),
             Err(Skip::NonTcp)
         );
         // Total length shorter than the headers it must contain.
         assert_eq!(
-            segment(LinkType::Raw, &v4_tcp(30, 0, 6), 0, 0),
+            segment(LinkType::Raw, &v4_tcp(30, 0, 6), 0, 0, 0),
             Err(Skip::Unsupported)
         );
         assert_eq!(
-            segment(LinkType::Raw, &v4_tcp(19, 0, 6), 0, 0),
+            segment(LinkType::Raw, &v4_tcp(19, 0, 6), 0, 0, 0),
             Err(Skip::Unsupported)
         );
         // Total length 0: fall back to what was captured.
         let mut p = v4_tcp(0, 0, 6);
         p.extend([0; 100]);
-        assert_eq!(segment(LinkType::Ipv4, &p, 0, 0).map(|s| s.len), Ok(100));
+        assert_eq!(segment(LinkType::Ipv4, &p, 0, 0, 0).map(|s| s.len), Ok(100));
     }
 
     #[test]
@@ -333,7 +350,7 @@ mod tests {
         let p = v4_tcp(40, 0, 6);
         for cut in 0..p.len() {
             assert_eq!(
-                segment(LinkType::Raw, &p[..cut], 0, 0),
+                segment(LinkType::Raw, &p[..cut], 0, 0, 0),
                 Err(Skip::Truncated),
                 "cut {cut}"
             );
@@ -348,7 +365,7 @@ mod tests {
             LinkType::Ipv6,
         ] {
             for cut in 0..4 {
-                assert!(segment(link, &[0u8; 4][..cut], 0, 0).is_err());
+                assert!(segment(link, &[0u8; 4][..cut], 0, 0, 0).is_err());
             }
         }
     }
@@ -357,11 +374,11 @@ mod tests {
     fn null_family_in_either_byte_order() {
         let mut le = 2u32.to_le_bytes().to_vec();
         le.extend(v4_tcp(40, 0, 6));
-        assert!(segment(LinkType::Null, &le, 0, 0).is_ok());
+        assert!(segment(LinkType::Null, &le, 0, 0, 0).is_ok());
         let mut be = 2u32.to_be_bytes().to_vec();
         be.extend(v4_tcp(40, 0, 6));
-        assert!(segment(LinkType::Null, &be, 0, 0).is_ok());
-        assert!(segment(LinkType::Loop, &be, 0, 0).is_ok());
+        assert!(segment(LinkType::Null, &be, 0, 0, 0).is_ok());
+        assert!(segment(LinkType::Loop, &be, 0, 0, 0).is_ok());
     }
 
     #[test]
@@ -373,7 +390,7 @@ mod tests {
         f.extend([0x08, 0x00]);
         f.extend(v4_tcp(40, 0, 6));
         assert_eq!(
-            segment(LinkType::Ethernet, &f, 0, 0),
+            segment(LinkType::Ethernet, &f, 0, 0, 0),
             Err(Skip::Unsupported)
         );
     }

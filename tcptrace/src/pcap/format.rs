@@ -130,7 +130,8 @@ fn read_classic(data: &[u8], sink: &mut Sink, e: Endian, frac_to_ns: u64) -> R<(
         };
         // sec < 2^32 and frac < 2^32, so this cannot overflow u64.
         let ts_ns = sec * 1_000_000_000 + frac * frac_to_ns;
-        sink.packet(link, ts_ns, 0, frame);
+        let orig_len = field(pos + 12) as usize;
+        sink.packet(link, ts_ns, 0, frame, orig_len);
         pos = body + caplen;
     }
     Ok(())
@@ -371,7 +372,8 @@ fn read_pcapng(data: &[u8], sink: &mut Sink) -> R<()> {
                 let (ifc, link) = s.iface(id, body_at)?;
                 let ts_ns = ticks_to_ns(hi << 32 | lo, ifc.units, ifc.offset_s);
                 s.last_ts_ns = ts_ns;
-                sink.packet(link, ts_ns, id, frame);
+                let orig_len = e.u32(body, 16).unwrap_or(0) as usize;
+                sink.packet(link, ts_ns, id, frame, orig_len);
             }
             SPB => {
                 let Some(s) = section.as_ref() else {
@@ -391,7 +393,7 @@ fn read_pcapng(data: &[u8], sink: &mut Sink) -> R<()> {
                 if ifc.snaplen != 0 {
                     caplen = caplen.min(ifc.snaplen as usize);
                 }
-                sink.packet(link, s.last_ts_ns, 0, &body[4..4 + caplen]);
+                sink.packet(link, s.last_ts_ns, 0, &body[4..4 + caplen], orig);
             }
             // Statistics, name resolution, decryption secrets, custom
             // blocks, …: nothing we need, and the length check above
