@@ -193,20 +193,25 @@ mod tests {
         assert_eq!(only_segment(&c).len, 0);
     }
 
+    /// Payload length of a segment cut by the snaplen: the IP header's, or
+    /// for a TSO super-packet (`tcpdump -s 128` on the sender; IP length 0)
+    /// the record's original length.
     #[test]
-    fn snaplen_cut_keeps_ip_length() {
-        let s = SegmentSpec {
-            payload_len: 1448,
-            flags: TcpFlags::ACK | TcpFlags::PSH,
-            ..SegmentSpec::default()
-        };
-        let opts = build::PcapOpts {
-            snaplen: 96,
-            ..build::PcapOpts::default()
-        };
-        let file = build::pcap_file_with(&[(0, build::ethernet_frame(&s))], 1, &opts);
-        let c = read_bytes(&file).expect("decodes");
-        assert_eq!(only_segment(&c).len, 1448);
+    fn snaplen_cut_keeps_the_length() {
+        for (payload_len, snaplen) in [(1448, 96), (70_000, 128)] {
+            let s = SegmentSpec {
+                payload_len,
+                flags: TcpFlags::ACK | TcpFlags::PSH,
+                ..SegmentSpec::default()
+            };
+            let opts = build::PcapOpts {
+                snaplen,
+                ..build::PcapOpts::default()
+            };
+            let file = build::pcap_file_with(&[(0, build::ethernet_frame(&s))], 1, &opts);
+            let c = read_bytes(&file).expect("decodes");
+            assert_eq!(only_segment(&c).len, payload_len);
+        }
     }
 
     #[test]
@@ -233,24 +238,6 @@ mod tests {
         // The builder mirrors Linux: an IPv4 total length that cannot fit is 0.
         assert_eq!(&frame[16..18], &[0, 0]);
         let c = read_bytes(&build::pcap_file(&[(0, frame)], 1)).expect("decodes");
-        assert_eq!(only_segment(&c).len, 70_000);
-    }
-
-    /// A super-packet cut by the snaplen (`tcpdump -s 128` on the sender):
-    /// the IP header gives no length, the record's original length does.
-    #[test]
-    fn tso_super_packet_cut_by_snaplen_uses_original_length() {
-        let s = SegmentSpec {
-            payload_len: 70_000,
-            flags: TcpFlags::ACK,
-            ..SegmentSpec::default()
-        };
-        let opts = build::PcapOpts {
-            snaplen: 128,
-            ..build::PcapOpts::default()
-        };
-        let file = build::pcap_file_with(&[(0, build::ethernet_frame(&s))], 1, &opts);
-        let c = read_bytes(&file).expect("decodes");
         assert_eq!(only_segment(&c).len, 70_000);
     }
 
