@@ -186,27 +186,40 @@ fn cleanup() -> Result<i32> {
 }
 
 fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
-    let data = std::fs::read(file)
+    let map = tcptrace::pcap::MappedFile::open(file)
         .with_context(|| format!("cannot read capture file {}", file.display()))?;
-    let (cap, broken) = tcptrace::pcap::read_partial(&data);
-    drop(data);
-    if let (0, Some(e)) = (cap.stats.packets, &broken) {
-        return Err(e.clone()).with_context(|| format!("bad capture file {}", file.display()));
-    }
     let clock = Clock::epoch();
     let mut out = BufWriter::with_capacity(OUT_BUFFER, std::io::stdout().lock());
     let mut m = Matcher::new(MatcherConfig::default());
-    for ev in cap.events {
-        render::write_event(&mut out, mode, &ev, &clock)?;
-        for c in m.push(ev) {
-            render::connection(&mut out, mode, &c)?;
+    // Matched as the file is read: memory is the matcher's, not the file's.
+    let mut failed: Option<std::io::Error> = None;
+    let (stats, broken) = map.read_each(&mut |ev| {
+        let write = || -> std::io::Result<()> {
+            render::write_event(&mut out, mode, &ev, &clock)?;
+            for c in m.push(ev) {
+                render::connection(&mut out, mode, &c)?;
+            }
+            Ok(())
+        };
+        match write() {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
         }
+    });
+    if let Some(e) = failed {
+        return Err(e).context("cannot write the output");
+    }
+    if let (0, Some(e)) = (stats.packets, &broken) {
+        return Err(e.clone()).with_context(|| format!("bad capture file {}", file.display()));
     }
     for c in m.finish() {
         render::connection(&mut out, mode, &c)?;
     }
     out.flush()?;
-    let s = &cap.stats;
+    let s = &stats;
     eprintln!(
         "tcptrace: {} packets, {} TCP segments ({} non-TCP, {} truncated, {} unsupported skipped)",
         s.packets, s.tcp_segments, s.skipped_non_tcp, s.skipped_truncated, s.skipped_unsupported

@@ -88,7 +88,8 @@ pub fn read_file(path: &Path) -> anyhow::Result<Capture> {
     read_bytes(&data).with_context(|| format!("bad capture file {}", path.display()))
 }
 
-/// Decodes a capture held in memory; the format is told by its magic number.
+/// Decodes a capture held in memory, every segment collected; the format is
+/// told by its magic number. [`MappedFile::read_each`] streams a file.
 pub fn read_bytes(data: &[u8]) -> Result<Capture, PcapError> {
     match read_partial(data) {
         (c, None) => Ok(c),
@@ -100,24 +101,149 @@ pub fn read_bytes(data: &[u8]) -> Result<Capture, PcapError> {
 /// a capture still being written, or killed mid-write, ends inside a
 /// record, and tcpdump too shows the packets before it.
 pub fn read_partial(data: &[u8]) -> (Capture, Option<PcapError>) {
-    let mut sink = Sink::default();
-    let broken = format::read(data, &mut sink).err();
-    let c = Capture {
-        events: sink.events,
-        stats: sink.stats,
+    let mut events = Vec::new();
+    let (stats, broken) = read_each(data, &mut |ev| {
+        events.push(ev);
+        true
+    });
+    (Capture { events, stats }, broken)
+}
+
+/// Decodes a capture, handing each TCP segment to `on` as it is read, so
+/// that a capture larger than memory streams through; `on` returns false
+/// to stop reading. Returns what was counted, and the error where the
+/// file breaks, if it does (as [`read_partial`]).
+pub fn read_each(
+    data: &[u8],
+    on: &mut dyn FnMut(Event) -> bool,
+) -> (CaptureStats, Option<PcapError>) {
+    read_into(data, on, None)
+}
+
+fn read_into(
+    data: &[u8],
+    on: &mut dyn FnMut(Event) -> bool,
+    behind: Option<DropBehind>,
+) -> (CaptureStats, Option<PcapError>) {
+    let mut sink = Sink {
+        on,
+        stopped: false,
+        stats: CaptureStats::default(),
+        behind,
     };
-    (c, broken)
+    let broken = format::read(data, &mut sink).err();
+    (sink.stats, broken)
+}
+
+/// A capture file mapped read-only: the kernel reads it in as it is
+/// decoded and may drop what was read, so memory does not grow with the
+/// file. (A file truncated while mapped would fault; captures grow.)
+pub struct MappedFile {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl MappedFile {
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::File::open(path)?;
+        let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+        if len == 0 {
+            return Ok(MappedFile {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        // SAFETY: a fresh read-only private mapping of an open file; the
+        // mapping outlives the descriptor by design.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: advice on the mapping just made; failure only loses the hint.
+        unsafe { libc::madvise(ptr, len, libc::MADV_SEQUENTIAL) };
+        Ok(MappedFile { ptr, len })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` maps `len` readable bytes until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+
+    /// [`read_each`] over the file, giving back the pages read as it goes:
+    /// they stay in the page cache, not in this process.
+    pub fn read_each(
+        &self,
+        on: &mut dyn FnMut(Event) -> bool,
+    ) -> (CaptureStats, Option<PcapError>) {
+        let behind = DropBehind {
+            base: self.ptr as usize,
+            released: 0,
+        };
+        read_into(self.bytes(), on, Some(behind))
+    }
+}
+
+/// Pages of a [`MappedFile`] already decoded, given back in chunks.
+struct DropBehind {
+    base: usize,
+    released: usize,
+}
+
+impl DropBehind {
+    /// Chunks of 64 MiB, cut at 64 KiB (a multiple of every page size).
+    const CHUNK: usize = 64 << 20;
+    const ALIGN: usize = 64 << 10;
+
+    fn reached(&mut self, at: *const u8) {
+        let off = (at as usize).saturating_sub(self.base) & !(Self::ALIGN - 1);
+        if off >= self.released + Self::CHUNK {
+            // SAFETY: a page-aligned range of the file's private, read-only
+            // mapping, already decoded; touched again, it is read in again.
+            unsafe {
+                libc::madvise(
+                    (self.base + self.released) as *mut libc::c_void,
+                    off - self.released,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            self.released = off;
+        }
+    }
+}
+
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        if self.len != 0 {
+            // SAFETY: unmapping exactly what `open` mapped.
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
 }
 
 /// Where the container readers deliver packets; keeps the counting in one
 /// place so classic pcap and pcapng cannot disagree about it.
-#[derive(Default)]
-pub(crate) struct Sink {
-    events: Vec<Event>,
+pub(crate) struct Sink<'a> {
+    on: &'a mut dyn FnMut(Event) -> bool,
+    /// `on` asked to stop: the readers end as if the file ended.
+    pub(crate) stopped: bool,
     stats: CaptureStats,
+    /// Set when the frames point into a [`MappedFile`].
+    behind: Option<DropBehind>,
 }
 
-impl Sink {
+impl Sink<'_> {
     /// `orig_len`: the packet's length on the wire, as its record says.
     pub(crate) fn packet(
         &mut self,
@@ -128,10 +254,15 @@ impl Sink {
         orig_len: usize,
     ) {
         self.stats.packets += 1;
+        if let Some(b) = &mut self.behind {
+            b.reached(frame.as_ptr());
+        }
         match decode::segment(link, frame, orig_len, ts_ns, ifindex) {
             Ok(seg) => {
                 self.stats.tcp_segments += 1;
-                self.events.push(Event::Segment(seg));
+                if !(self.on)(Event::Segment(seg)) {
+                    self.stopped = true;
+                }
             }
             Err(decode::Skip::NonTcp) => self.stats.skipped_non_tcp += 1,
             Err(decode::Skip::Truncated) => self.stats.skipped_truncated += 1,
@@ -239,6 +370,40 @@ mod tests {
         assert_eq!(&frame[16..18], &[0, 0]);
         let c = read_bytes(&build::pcap_file(&[(0, frame)], 1)).expect("decodes");
         assert_eq!(only_segment(&c).len, 70_000);
+    }
+
+    /// Past the first 64 MiB the pages already read are given back; what
+    /// follows must still decode as from memory.
+    #[test]
+    fn a_mapped_file_streams_past_its_dropped_pages() {
+        let frames: Vec<(u64, Vec<u8>)> = (0..50_000u32)
+            .map(|i| {
+                let s = SegmentSpec {
+                    ts_ns: u64::from(i) * 1000,
+                    seq: i.wrapping_mul(1448),
+                    payload_len: 1448,
+                    flags: TcpFlags::ACK | TcpFlags::PSH,
+                    ..SegmentSpec::default()
+                };
+                (s.ts_ns, build::ethernet_frame(&s))
+            })
+            .collect();
+        let file = build::pcap_file(&frames, 1);
+        assert!(file.len() > DropBehind::CHUNK, "{} bytes", file.len());
+        let path = std::env::temp_dir().join(format!("tcptrace-map-{}.pcap", std::process::id()));
+        std::fs::write(&path, &file).expect("write the capture");
+        let map = MappedFile::open(&path).expect("map it");
+        let mut streamed = Vec::new();
+        let (stats, broken) = map.read_each(&mut |ev| {
+            streamed.push(ev);
+            true
+        });
+        drop(map);
+        let _ = std::fs::remove_file(&path);
+        assert!(broken.is_none());
+        let whole = read_bytes(&file).expect("decodes");
+        assert_eq!(stats, whole.stats);
+        assert!(streamed == whole.events, "streamed segments differ");
     }
 
     #[test]

@@ -96,7 +96,7 @@ fn read_classic(data: &[u8], sink: &mut Sink, e: Endian, frac_to_ns: u64) -> R<(
         .ok_or_else(|| PcapError::new(20, format!("unsupported link type {code}")))?;
 
     let mut pos = HDR;
-    while pos < data.len() {
+    while pos < data.len() && !sink.stopped {
         let left = data.len() - pos;
         if left < REC {
             return Err(PcapError::new(
@@ -208,7 +208,7 @@ fn ticks_to_ns(ticks: u64, units: u128, offset_s: i64) -> u64 {
 fn read_pcapng(data: &[u8], sink: &mut Sink) -> R<()> {
     let mut pos = 0usize;
     let mut section: Option<Section> = None;
-    while pos < data.len() {
+    while pos < data.len() && !sink.stopped {
         let left = data.len() - pos;
         if left < 12 {
             return Err(PcapError::new(

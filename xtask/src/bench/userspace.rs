@@ -6,7 +6,8 @@
 //! from wait4(2).
 //!
 //! The figures include reading and decoding the capture, which live tracing
-//! does not have, and peak RSS includes the whole capture held in memory.
+//! does not have; the capture is mapped and streamed through the matcher,
+//! so peak RSS is the matcher's and a part of the file at a time.
 //!
 //! A capture has no kernel state changes, which are most of a live trace;
 //! `tcptrace/examples/storm_events.rs` makes up those of a storm in memory
