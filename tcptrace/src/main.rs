@@ -186,7 +186,7 @@ fn cleanup() -> Result<i32> {
 }
 
 fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
-    let map = tcptrace::pcap::MappedFile::open(file)
+    let map = tcptrace::pcap::CaptureFile::open(file)
         .with_context(|| format!("cannot read capture file {}", file.display()))?;
     let clock = Clock::epoch();
     let mut out = BufWriter::with_capacity(OUT_BUFFER, std::io::stdout().lock());
@@ -230,7 +230,7 @@ fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
             file.display(),
             s.packets
         );
-        return Ok(2);
+        return Ok(1);
     }
     Ok(0)
 }

@@ -89,7 +89,7 @@ pub fn read_file(path: &Path) -> anyhow::Result<Capture> {
 }
 
 /// Decodes a capture held in memory, every segment collected; the format is
-/// told by its magic number. [`MappedFile::read_each`] streams a file.
+/// told by its magic number. [`CaptureFile::read_each`] streams a file.
 pub fn read_bytes(data: &[u8]) -> Result<Capture, PcapError> {
     match read_partial(data) {
         (c, None) => Ok(c),
@@ -135,22 +135,28 @@ fn read_into(
     (sink.stats, broken)
 }
 
-/// A capture file mapped read-only: the kernel reads it in as it is
-/// decoded and may drop what was read, so memory does not grow with the
-/// file. (A file truncated while mapped would fault; captures grow.)
-pub struct MappedFile {
+/// A capture to read. A regular file is mapped read-only: the kernel reads
+/// it in as it is decoded and may drop what was read, so memory does not
+/// grow with the file (a file truncated while mapped would fault; captures
+/// grow). A pipe is read whole.
+pub struct CaptureFile {
     ptr: *mut libc::c_void,
     len: usize,
+    read: Vec<u8>,
 }
 
-impl MappedFile {
+impl CaptureFile {
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let file = std::fs::File::open(path)?;
-        let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
-        if len == 0 {
-            return Ok(MappedFile {
+        let mut file = std::fs::File::open(path)?;
+        let meta = file.metadata()?;
+        let len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
+        if !meta.is_file() || len == 0 {
+            let mut read = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut read)?;
+            return Ok(CaptureFile {
                 ptr: std::ptr::null_mut(),
                 len: 0,
+                read,
             });
         }
         // SAFETY: a fresh read-only private mapping of an open file; the
@@ -170,12 +176,16 @@ impl MappedFile {
         }
         // SAFETY: advice on the mapping just made; failure only loses the hint.
         unsafe { libc::madvise(ptr, len, libc::MADV_SEQUENTIAL) };
-        Ok(MappedFile { ptr, len })
+        Ok(CaptureFile {
+            ptr,
+            len,
+            read: Vec::new(),
+        })
     }
 
     pub fn bytes(&self) -> &[u8] {
         if self.len == 0 {
-            return &[];
+            return &self.read;
         }
         // SAFETY: `ptr` maps `len` readable bytes until drop.
         unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
@@ -187,15 +197,15 @@ impl MappedFile {
         &self,
         on: &mut dyn FnMut(Event) -> bool,
     ) -> (CaptureStats, Option<PcapError>) {
-        let behind = DropBehind {
+        let behind = (self.len != 0).then_some(DropBehind {
             base: self.ptr as usize,
             released: 0,
-        };
-        read_into(self.bytes(), on, Some(behind))
+        });
+        read_into(self.bytes(), on, behind)
     }
 }
 
-/// Pages of a [`MappedFile`] already decoded, given back in chunks.
+/// Pages of a [`CaptureFile`] already decoded, given back in chunks.
 struct DropBehind {
     base: usize,
     released: usize,
@@ -223,7 +233,7 @@ impl DropBehind {
     }
 }
 
-impl Drop for MappedFile {
+impl Drop for CaptureFile {
     fn drop(&mut self) {
         if self.len != 0 {
             // SAFETY: unmapping exactly what `open` mapped.
@@ -239,7 +249,7 @@ pub(crate) struct Sink<'a> {
     /// `on` asked to stop: the readers end as if the file ended.
     pub(crate) stopped: bool,
     stats: CaptureStats,
-    /// Set when the frames point into a [`MappedFile`].
+    /// Set when the frames point into a [`CaptureFile`].
     behind: Option<DropBehind>,
 }
 
@@ -392,7 +402,7 @@ mod tests {
         assert!(file.len() > DropBehind::CHUNK, "{} bytes", file.len());
         let path = std::env::temp_dir().join(format!("tcptrace-map-{}.pcap", std::process::id()));
         std::fs::write(&path, &file).expect("write the capture");
-        let map = MappedFile::open(&path).expect("map it");
+        let map = CaptureFile::open(&path).expect("map it");
         let mut streamed = Vec::new();
         let (stats, broken) = map.read_each(&mut |ev| {
             streamed.push(ev);

@@ -218,7 +218,7 @@ fn read_file_errors_name_the_file() {
 
 /// A capture cut short (tcpdump killed mid-write, or still writing) is not
 /// thrown away: `tcptrace pcap` shows what the packets before the break
-/// hold, then says where the file breaks and exits with status 2.
+/// hold, then says where the file breaks and exits with status 1.
 #[test]
 fn a_capture_cut_short_shows_what_comes_before_the_break() {
     let s = seed();
@@ -236,7 +236,7 @@ fn a_capture_cut_short_shows_what_comes_before_the_break() {
     let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     let connections = stdout
         .lines()
         .filter(|l| l.starts_with(r#"{"type":"connection""#))
@@ -245,6 +245,29 @@ fn a_capture_cut_short_shows_what_comes_before_the_break() {
     assert!(
         stderr.contains("breaks at byte offset") && stderr.contains("cut short"),
         "{stderr}"
+    );
+
+    // A pipe is read too (not mapped).
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cat {} | {} pcap --json /dev/stdin",
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/seed-wget-file64KB.pcap")
+                .display(),
+            env!("CARGO_BIN_EXE_tcptrace")
+        ))
+        .output()
+        .expect("run tcptrace pcap on a pipe");
+    assert_eq!(out.status.code(), Some(0));
+    let piped = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        piped
+            .lines()
+            .filter(|l| l.starts_with(r#"{"type":"connection""#))
+            .count(),
+        2,
+        "{piped}"
     );
 
     // Nothing readable at all stays a plain error.

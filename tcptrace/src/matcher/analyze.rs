@@ -1117,7 +1117,8 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
     // gap tells: near the client SYN → SYN-ACK is the round trip and
     // SYN-ACK → ACK the client's turnaround, near the server the other way
     // round. The far side's RTT is then SYN → ACK, which exceeds it only by
-    // the near side's turnaround.
+    // the far side's own turnaround. Without the three segments the place
+    // is unknown, and so are the RTTs.
     let mut rtt_client = None;
     let mut rtt_server = None;
     if let Some(sa) = synack_step {
@@ -1145,8 +1146,7 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
             (rtt_client, rtt_server) = match (there, back) {
                 (Some(c), Some(s)) if c >= s => (Some(c), whole),
                 (Some(_), Some(s)) => (whole, Some(s)),
-                // No ACK to tell the place by.
-                (c, _) => (c, None),
+                _ => (None, None),
             };
         }
     }
@@ -1205,11 +1205,12 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
     } else {
         (None, None)
     };
-    // A socket's own counters at → CLOSE, where traced, are 64-bit (the
-    // sequence numbers wrap at 4 GiB) and there after a reset too: they
-    // lift the wire's count by whole multiples of 4 GiB, and are the count
-    // when the wire was not watched. What a side sent is what its peer
-    // received, or what it had acknowledged.
+    // A socket's own counters at → CLOSE, where traced, are 64-bit and
+    // there after a reset too. A count from FIN seq − ISN is exact but for
+    // whole multiples of 4 GiB, which the counters supply; any other count
+    // from the wire (no FIN, no ISN) gives way to them. What a side sent is
+    // what it had acknowledged, or (one byte off in some closes, see
+    // `payload_counters`) what its peer received.
     let counted = |side: Side| {
         socks
             .iter()
@@ -1217,22 +1218,28 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
             .find_map(payload_counters)
     };
     let (client_counts, server_counts) = (counted(Side::Client), counted(Side::Server));
-    let lift = |wire: Option<u64>, counted: Option<u64>| match (wire, counted) {
-        (Some(w), Some(c)) if c > w => Some(w + ((c - w + (1 << 31)) >> 32 << 32)),
-        (None, c) => c,
-        (w, _) => w,
+    let lift = |side: Side, wire: Option<u64>, counted: Option<u64>| {
+        let exact_mod_4g = isn[idx(side)].is_some() && fin[idx(side)].is_some();
+        match (wire, counted) {
+            (Some(w), Some(c)) if exact_mod_4g => {
+                Some(w + (c.saturating_sub(w) + (1 << 31)) / (1 << 32) * (1 << 32))
+            }
+            (w, c) => c.or(w),
+        }
     };
     bytes_client = lift(
+        Side::Client,
         bytes_client,
-        server_counts
-            .map(|(_, r)| r)
-            .or(client_counts.map(|(a, _)| a)),
+        client_counts
+            .map(|(a, _)| a)
+            .or(server_counts.map(|(_, r)| r)),
     );
     bytes_server = lift(
+        Side::Server,
         bytes_server,
-        client_counts
-            .map(|(_, r)| r)
-            .or(server_counts.map(|(a, _)| a)),
+        server_counts
+            .map(|(a, _)| a)
+            .or(client_counts.map(|(_, r)| r)),
     );
 
     // Open, from the client's point of view (rule in `Open`'s doc).
@@ -1640,14 +1647,15 @@ fn kernel_close(socks: &[Sock]) -> Option<(Close, Option<Side>)> {
 
 /// Payload bytes a socket had acknowledged and received, from its counters
 /// at → CLOSE. The kernel counts sequence space: an active opener's SYN
-/// (acknowledged once it is ESTABLISHED; a passive child's SYN-ACK was
+/// (acknowledged once it leaves SYN_SENT; a passive child's SYN-ACK was
 /// acknowledged before the child existed) and each FIN are a byte. The
-/// socket's path says whether its own FIN was acknowledged (FIN_WAIT2
-/// reached, or CLOSING / LAST_ACK left for CLOSE) and whether the peer's
-/// arrived (CLOSE_WAIT or CLOSING reached, or FIN_WAIT2 left for CLOSE:
-/// the timewait socket takes over when it does). A reset in LAST_ACK, or a
-/// FIN_WAIT2 that times out, is one byte off; the wire's count, where
-/// watched, is not.
+/// socket's path says whether its own FIN was acknowledged: FIN_WAIT2
+/// reached, or CLOSING / LAST_ACK left for CLOSE (but for a reset there).
+/// Whether the peer's FIN arrived it says less well: CLOSE_WAIT or CLOSING
+/// reached, or FIN_WAIT2 left for CLOSE, which is also where a socket
+/// closed by its process goes once its own FIN is acknowledged, before the
+/// peer's FIN: then the received count is one byte short. The sender's
+/// count is taken first for that reason, and the wire's, where watched.
 fn payload_counters(sock: &Sock) -> Option<(u64, u64)> {
     use TcpState::*;
     let close = sock
@@ -1657,7 +1665,10 @@ fn payload_counters(sock: &Sock) -> Option<(u64, u64)> {
         .find(|c| c.bytes_acked.is_some())?;
     let (acked, received) = close.bytes_acked.zip(close.bytes_received)?;
     let reached = |st: TcpState| sock.changes.iter().any(|c| c.newstate == st);
-    let syn_acked = sock.side == Side::Client && close.oldstate != SynSent;
+    // Both ends of a simultaneous open sent a SYN; a socket first seen
+    // later is taken for the opener it usually is, the client.
+    let opened = reached(SynSent) || (sock.side == Side::Client && !reached(SynRecv));
+    let syn_acked = opened && close.oldstate != SynSent;
     let fin_acked = reached(FinWait2) || matches!(close.oldstate, Closing | LastAck);
     let fin_received = reached(CloseWait) || reached(Closing) || close.oldstate == FinWait2;
     Some((

@@ -319,6 +319,27 @@ fn byte_counters_at_close_beat_sequence_numbers() {
         (conns[0].bytes_client, conns[0].bytes_server),
         (Some(SENT), Some(0))
     );
+    // A reset after 3 GiB: no FIN to count from, the wire has the first
+    // 100 bytes' end only; the counters are the count.
+    const BIG: u64 = 3 << 30;
+    let mut reset: Vec<Event> = full_conversation()
+        .into_iter()
+        .filter(|e| e.ts_ns() < us(900))
+        .collect();
+    for (client, acked, received) in [(true, BIG + 1, 0), (false, 0, BIG)] {
+        let mut e = state(990, client, TcpState::Established, TcpState::Close, 0);
+        if let Event::State(sc) = &mut e {
+            (sc.bytes_acked, sc.bytes_received) = (Some(acked), Some(received));
+        }
+        reset.push(e);
+    }
+    let (conns, _) = run(&reset);
+    assert_eq!(
+        (conns[0].bytes_client, conns[0].bytes_server),
+        (Some(BIG), Some(0)),
+        "{}",
+        timeline::to_string(&conns[0])
+    );
 }
 
 #[test]
