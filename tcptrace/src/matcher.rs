@@ -640,7 +640,7 @@ impl Matcher {
                 self.stats.listener_events += 1;
                 return;
             }
-            self.park(sc);
+            self.park(sc, out);
             return;
         }
         let key = Key::of(sc.saddr, sc.sport, sc.daddr, sc.dport, sc.netns);
@@ -672,16 +672,29 @@ impl Matcher {
         self.add(id, Event::State(sc));
     }
 
-    fn park(&mut self, sc: StateChange) {
-        // A socket that closes without both ports never gets them (a
-        // connect() that failed before the kernel chose a source port):
-        // the next socket at its address must not inherit its events.
+    fn park(&mut self, sc: StateChange, out: &mut Vec<Connection>) {
+        // A socket that closes without both ports never gets them, and the
+        // next socket at its address must not inherit its events. From
+        // SYN_SENT that is a connect() that failed before the kernel chose
+        // a source port (EADDRNOTAVAIL: no ephemeral port free for that
+        // destination), a connection attempt of its own, told at once.
         if sc.newstate == TcpState::Close {
-            let held = self
-                .pending
-                .remove(&sc.skaddr)
-                .map_or(0, |p| p.len() as u64);
-            self.stats.unresolved_state_events += held + 1;
+            let held = self.pending.remove(&sc.skaddr);
+            if sc.oldstate == TcpState::SynSent && sc.dport != 0 && !sc.daddr.is_unspecified() {
+                let first_ts = held.as_ref().map_or(sc.ts_ns, |p| p.first.ts_ns);
+                let key = Key::of(sc.saddr, 0, sc.daddr, sc.dport, sc.netns);
+                let id = self.create(key, first_ts, out);
+                for e in held
+                    .into_iter()
+                    .flat_map(|p| std::iter::once(p.first).chain(p.more))
+                {
+                    self.add(id, Event::State(e));
+                }
+                self.add(id, Event::State(sc));
+                out.extend(self.emit(id, EndReason::Closed));
+                return;
+            }
+            self.stats.unresolved_state_events += held.map_or(0, |p| p.len() as u64) + 1;
             return;
         }
         if let Some(p) = self.pending.get_mut(&sc.skaddr) {

@@ -1121,6 +1121,7 @@ mod tests {
             AnomalyKind::HandshakeUnfinished,
             AnomalyKind::CloseUnfinished,
             AnomalyKind::Truncated,
+            AnomalyKind::ConnectFailed,
         ] {
             check(v, v.name());
         }

@@ -293,11 +293,11 @@ fn count_stops_after_exactly_n_events() {
 /// Ephemeral ports run out (one port in a fresh namespace, already taken
 /// towards the same server): connect() fails with EADDRNOTAVAIL after the
 /// kernel reported CLOSE → SYN_SENT and before it chose a source port, so
-/// the socket's two state changes carry source port 0 and belong to no
-/// connection record. They are printed, and the summary counts them.
+/// the socket's two state changes carry source port 0. They are printed,
+/// and make a connection record of their own, a `connect_failed`.
 #[test]
-fn a_connect_out_of_ports_is_in_the_summary() {
-    if !need_root("a_connect_out_of_ports_is_in_the_summary") {
+fn a_connect_out_of_ports_is_a_record_of_its_own() {
+    if !need_root("a_connect_out_of_ports_is_a_record_of_its_own") {
         return;
     }
     let net = NetPair::new();
@@ -333,6 +333,16 @@ fn a_connect_out_of_ports_is_in_the_summary() {
         ["CLOSE→SYN_SENT", "CLOSE→SYN_SENT", "SYN_SENT→CLOSE"],
         "{states:#?}"
     );
+    let failed: Vec<_> = of_type(&events, "connection")
+        .into_iter()
+        .filter(|c| c["client"] == "127.0.0.1:0")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert_eq!(failed[0]["server"], format!("127.0.0.1:{port}"));
+    assert_eq!(
+        failed[0]["anomalies"][0]["kind"], "connect_failed",
+        "{failed:#?}"
+    );
     let summary = of_type(&events, "summary");
-    assert_eq!(summary[0]["unmatched_state_changes"], 2, "{summary:?}");
+    assert_eq!(summary[0]["unmatched_state_changes"], 0, "{summary:?}");
 }

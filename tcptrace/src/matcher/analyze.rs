@@ -175,6 +175,14 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
         }
         s.changes.push(sc);
     }
+    // A connect() that failed before it had a source port never showed a
+    // complete 4-tuple; its record is keyed with local port 0.
+    for s in socks.iter_mut().filter(|s| s.local.is_none()) {
+        if let Some(sc) = s.changes.iter().rev().find(|c| c.dport != 0) {
+            s.local = Some(SocketAddr::new(sc.saddr, sc.sport));
+            s.remote = Some(SocketAddr::new(sc.daddr, sc.dport));
+        }
+    }
 
     let (client, server) = pick_client(&key, &segs, &socks);
     for s in &mut socks {
@@ -853,7 +861,19 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
     let kernel_opened = changes
         .iter()
         .any(|c| matches!(c.newstate, TcpState::SynSent | TcpState::SynRecv));
-    if (any_syn || kernel_opened) && !established && !refused {
+    if let Some(c) = changes.iter().find(|c| is_portless_connect_failure(c)) {
+        let mut a = Anomaly::new(
+            AnomalyKind::ConnectFailed,
+            text![
+                "connect() to ",
+                server,
+                " failed before the kernel chose a source port: no free local port for this destination (EADDRNOTAVAIL; see net.ipv4.ip_local_port_range and connections in TIME_WAIT)",
+            ],
+        );
+        a.side = Some(Side::Client);
+        a.ts_ns = Some(c.ts_ns);
+        anomalies.push(a);
+    } else if (any_syn || kernel_opened) && !established && !refused {
         let detail = if syn_times.is_empty() && !any_syn {
             "a socket began the handshake but never reached ESTABLISHED".to_string()
         } else if synack_ok[1] {
@@ -1327,7 +1347,11 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
                     StepKind::Kernel,
                     transition_name(sc.oldstate, sc.newstate),
                 );
-                st.explain = kernel_explain(sc.oldstate, sc.newstate, ks.side).into();
+                st.explain = if is_portless_connect_failure(sc) {
+                    "connect() failed: no free local port for this destination (EADDRNOTAVAIL); no SYN was sent".into()
+                } else {
+                    kernel_explain(sc.oldstate, sc.newstate, ks.side).into()
+                };
                 st.side = Some(ks.side);
                 st.skaddr = Some(sc.skaddr);
                 st.oldstate = Some(sc.oldstate);
@@ -1675,6 +1699,12 @@ fn payload_counters(sock: &Sock) -> Option<(u64, u64)> {
         acked.saturating_sub(u64::from(syn_acked) + u64::from(fin_acked)),
         received.saturating_sub(u64::from(fin_received)),
     ))
+}
+
+/// SYN_SENT → CLOSE before the kernel chose a source port: the port search
+/// of connect() found none free for the destination.
+fn is_portless_connect_failure(c: &StateChange) -> bool {
+    c.oldstate == TcpState::SynSent && c.newstate == TcpState::Close && c.sport == 0
 }
 
 /// The loopback device's index, the same in every network namespace.

@@ -325,6 +325,8 @@ pub enum AnomalyKind {
     HandshakeUnfinished,
     CloseUnfinished,
     Truncated,
+    /// connect() failed before the kernel chose a source port.
+    ConnectFailed,
 }
 
 impl AnomalyKind {
@@ -341,6 +343,7 @@ impl AnomalyKind {
             AnomalyKind::HandshakeUnfinished => "handshake_unfinished",
             AnomalyKind::CloseUnfinished => "close_unfinished",
             AnomalyKind::Truncated => "truncated",
+            AnomalyKind::ConnectFailed => "connect_failed",
         }
     }
 }

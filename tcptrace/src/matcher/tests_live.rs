@@ -2,7 +2,7 @@
 //! points (client namespace egress, server namespace ingress and back), as
 //! the tracer produces them; then memory bounds and robustness.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use super::*;
 use crate::event::{Comm, Dir, Family, Segment, StateChange, TcpFlags as F, TcpOptions};
@@ -248,17 +248,30 @@ fn recycled_socket_addresses_start_new_connections() {
 }
 
 /// A connect() that fails before the kernel chooses a source port
-/// (EADDRNOTAVAIL): CLOSE → SYN_SENT → CLOSE, both with sport 0. Its two
-/// state changes are counted as in no record, and the next connection at
-/// the same socket address does not inherit them.
+/// (EADDRNOTAVAIL): CLOSE → SYN_SENT → CLOSE, both with sport 0. It is a
+/// connection record of its own, told as it fails (`connect_failed`), and
+/// the next connection at the same socket address does not inherit it.
 #[test]
-fn a_connect_failing_before_its_port_is_counted_not_inherited() {
+fn a_connect_failing_before_its_port_is_a_record_of_its_own() {
     use TcpState::*;
-    let mut failed = state(0, true, SynSent, Close, 0);
+    let mut failed = state(5, true, SynSent, Close, 0);
     if let Event::State(sc) = &mut failed {
         sc.sport = 0;
     }
-    let mut ev = vec![state(0, true, Close, SynSent, 0), failed];
+    let mut m = Matcher::new(MatcherConfig::default());
+    assert!(m.push(state(0, true, Close, SynSent, 0)).is_empty());
+    let told = m.push(failed);
+    assert_eq!(told.len(), 1, "told at once: {told:#?}");
+    let f = &told[0];
+    let text = timeline::to_string(f);
+    assert_eq!(f.client.port(), 0, "{text}");
+    assert_eq!(f.server, SocketAddr::new(sip(), 80), "{text}");
+    assert_eq!(f.close, super::model::Close::Unfinished, "{text}");
+    let kinds: Vec<AnomalyKind> = f.anomalies.iter().map(|a| a.kind).collect();
+    assert_eq!(kinds, [AnomalyKind::ConnectFailed], "{text}");
+    assert!(text.contains("no free local port"), "{text}");
+
+    let mut ev = Vec::new();
     ev.extend(full_conversation().into_iter().map(|mut e| {
         if let Event::State(sc) = &mut e {
             sc.ts_ns += 1_000_000;
@@ -268,9 +281,13 @@ fn a_connect_failing_before_its_port_is_counted_not_inherited() {
         }
         e
     }));
-    let (conns, stats) = run(&ev);
+    let mut conns = Vec::new();
+    for e in ev {
+        conns.extend(m.push(e));
+    }
+    conns.extend(m.finish());
     assert_eq!(conns.len(), 1, "{conns:#?}");
-    assert_eq!(stats.unresolved_state_events, 2);
+    assert_eq!(m.stats().unresolved_state_events, 0);
     let c = &conns[0];
     let text = timeline::to_string(c);
     assert_eq!(
