@@ -861,6 +861,7 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
     let kernel_opened = changes
         .iter()
         .any(|c| matches!(c.newstate, TcpState::SynSent | TcpState::SynRecv));
+    let connect_failed = changes.iter().any(|c| is_portless_connect_failure(c));
     if let Some(c) = changes.iter().find(|c| is_portless_connect_failure(c)) {
         let mut a = Anomaly::new(
             AnomalyKind::ConnectFailed,
@@ -1349,6 +1350,9 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
                 );
                 st.explain = if is_portless_connect_failure(sc) {
                     "connect() failed: no free local port for this destination (EADDRNOTAVAIL); no SYN was sent".into()
+                } else if connect_failed && sc.newstate == TcpState::SynSent {
+                    "connect(): the socket enters SYN_SENT before the kernel picks its source port"
+                        .into()
                 } else {
                     kernel_explain(sc.oldstate, sc.newstate, ks.side).into()
                 };

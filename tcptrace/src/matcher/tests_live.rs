@@ -270,6 +270,10 @@ fn a_connect_failing_before_its_port_is_a_record_of_its_own() {
     let kinds: Vec<AnomalyKind> = f.anomalies.iter().map(|a| a.kind).collect();
     assert_eq!(kinds, [AnomalyKind::ConnectFailed], "{text}");
     assert!(text.contains("no free local port"), "{text}");
+    assert!(
+        text.contains("before the kernel picks its source port"),
+        "{text}"
+    );
 
     let mut ev = Vec::new();
     ev.extend(full_conversation().into_iter().map(|mut e| {
