@@ -12,7 +12,6 @@
 //! (errors, panics and Ctrl-C included; the CLI catches the signals), and a
 //! run that was killed outright is cleaned up by the next one
 //! ([`Net::create`] removes namespaces whose process is gone).
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -31,6 +30,7 @@ use crate::bpf::TraceConfig;
 use crate::event::Event;
 use crate::matcher::{Close, Connection};
 use crate::netns::Netns;
+use crate::tally::Tally;
 
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 131, 132);
 pub const SERVER_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 131, 138);
@@ -612,30 +612,14 @@ fn builtin_get() -> Result<()> {
 /// The closing summary over the connections the matcher emitted.
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
-    pub connections: u64,
-    rtts: Vec<u64>,
-    closes: BTreeMap<&'static str, u64>,
-    closed_by: BTreeMap<&'static str, u64>,
-    anomalies: BTreeMap<&'static str, u64>,
-    bytes_client: u64,
-    bytes_server: u64,
+    pub tally: Tally,
     /// Connections with a complete handshake, a named close and the whole file.
     pub complete: u64,
 }
 
 impl Summary {
     pub fn add(&mut self, c: &Connection) {
-        self.connections += 1;
-        self.rtts.extend(c.handshake_rtt_ns);
-        *self.closes.entry(c.close.name()).or_default() += 1;
-        if let Some(s) = c.closed_by {
-            *self.closed_by.entry(s.name()).or_default() += 1;
-        }
-        for a in &c.anomalies {
-            *self.anomalies.entry(a.kind.name()).or_default() += u64::from(a.count);
-        }
-        self.bytes_client += c.bytes_client.unwrap_or(0);
-        self.bytes_server += c.bytes_server.unwrap_or(0);
+        self.tally.add(c);
         let handshake =
             c.isn_client.is_some() && c.isn_server.is_some() && c.handshake_rtt_ns.is_some();
         if handshake
@@ -646,68 +630,16 @@ impl Summary {
         }
     }
 
-    /// (min, median, max) handshake RTT in ns.
-    pub fn rtt(&self) -> Option<(u64, u64, u64)> {
-        let mut v = self.rtts.clone();
-        v.sort_unstable();
-        let n = v.len();
-        let median = match n {
-            0 => return None,
-            _ if n % 2 == 1 => v[n / 2],
-            _ => (v[n / 2 - 1] + v[n / 2]) / 2,
-        };
-        Some((v[0], median, v[n - 1]))
-    }
-
     pub fn text(&self, rounds: u32, client: Client, d: &Downloads, elapsed: Duration) -> String {
+        let n = self.tally.connections;
         let mut s = format!(
-            "demo: {}/{rounds} downloads of {FILE_PATH} ({FILE_SIZE} B) with {} OK; {} connection{} traced in {:.1} s\n",
+            "demo: {}/{rounds} downloads of {FILE_PATH} ({FILE_SIZE} B) with {} OK; {n} connection{} traced in {:.1} s\n",
             d.ok,
             client.name(),
-            self.connections,
-            if self.connections == 1 { "" } else { "s" },
+            if n == 1 { "" } else { "s" },
             elapsed.as_secs_f64()
         );
-        match self.rtt() {
-            Some((lo, med, hi)) => s.push_str(&format!(
-                "  handshake RTT (SYN → SYN-ACK at the client): min {}, median {}, max {}\n",
-                dur(lo),
-                dur(med),
-                dur(hi)
-            )),
-            None => s.push_str("  handshake RTT: none measured\n"),
-        }
-        let list = |m: &BTreeMap<&str, u64>| {
-            m.iter()
-                .map(|(k, v)| format!("{v} {k}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let by = if self.closed_by.is_empty() {
-            String::new()
-        } else {
-            format!(" (closed by: {})", list(&self.closed_by))
-        };
-        s.push_str(&format!(
-            "  closes: {}{by}\n",
-            if self.closes.is_empty() {
-                "none".into()
-            } else {
-                list(&self.closes)
-            }
-        ));
-        s.push_str(&format!(
-            "  bytes: {} B from the client, {} B from the server\n",
-            self.bytes_client, self.bytes_server
-        ));
-        s.push_str(&format!(
-            "  anomalies: {}\n",
-            if self.anomalies.is_empty() {
-                "none".into()
-            } else {
-                list(&self.anomalies)
-            }
-        ));
+        s.push_str(&self.tally.lines());
         for e in &d.errors {
             s.push_str(&format!("  error: {e}\n"));
         }
@@ -722,50 +654,26 @@ impl Summary {
         net: &Net,
         elapsed: Duration,
     ) -> serde_json::Value {
-        json!({
-            "type": "demo_summary",
-            "rounds": rounds,
-            "client": client.name(),
-            "downloads_ok": d.ok,
-            "download_errors": d.errors,
-            "connections": self.connections,
-            "complete": self.complete,
-            "handshake_rtt_ns": self.rtt().map(|(min, median, max)| json!({"min": min, "median": median, "max": max})),
-            "close": self.closes,
-            "closed_by": self.closed_by,
-            "anomalies": self.anomalies,
-            "bytes_client": self.bytes_client,
-            "bytes_server": self.bytes_server,
-            "client_addr": IpAddr::V4(CLIENT_ADDR),
-            "server_addr": IpAddr::V4(SERVER_ADDR),
-            "client_netns": net.client_ns,
-            "server_netns": net.server_ns,
-            "elapsed_ms": elapsed.as_millis() as u64,
-        })
-    }
-}
-
-fn dur(ns: u64) -> String {
-    if ns < 1_000_000 {
-        format!("{} µs", ns / 1000)
-    } else {
-        format!("{:.3} ms", ns as f64 / 1e6)
+        let mut o = serde_json::Map::new();
+        o.insert("type".into(), json!("demo_summary"));
+        o.insert("rounds".into(), json!(rounds));
+        o.insert("client".into(), json!(client.name()));
+        o.insert("downloads_ok".into(), json!(d.ok));
+        o.insert("download_errors".into(), json!(d.errors));
+        self.tally.json_fields(&mut o);
+        o.insert("complete".into(), json!(self.complete));
+        o.insert("client_addr".into(), json!(IpAddr::V4(CLIENT_ADDR)));
+        o.insert("server_addr".into(), json!(IpAddr::V4(SERVER_ADDR)));
+        o.insert("client_netns".into(), json!(net.client_ns));
+        o.insert("server_netns".into(), json!(net.server_ns));
+        o.insert("elapsed_ms".into(), json!(elapsed.as_millis() as u64));
+        serde_json::Value::Object(o)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn median_of_even_and_odd() {
-        let mut s = Summary::default();
-        assert_eq!(s.rtt(), None);
-        s.rtts = vec![30, 10, 20];
-        assert_eq!(s.rtt(), Some((10, 20, 30)));
-        s.rtts.push(40);
-        assert_eq!(s.rtt(), Some((10, 25, 40)));
-    }
 
     #[test]
     fn stale_names_parse() {

@@ -15,6 +15,8 @@
 //!   assembles numbers and explanations without `fmt`.
 //! - [`priority`]: a live run's threads take only CPU time the traced
 //!   workload leaves idle, unless they fall behind.
+//! - [`tally`]: what a run's connection records add up to, for its closing
+//!   summary.
 pub mod bpf;
 pub mod btf;
 pub mod decode;
@@ -27,5 +29,6 @@ pub mod pcap;
 pub mod priority;
 pub mod reader;
 pub mod render;
+pub mod tally;
 pub mod text;
 pub mod timeline;

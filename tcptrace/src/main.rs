@@ -19,6 +19,7 @@ use tcptrace::output::Output;
 use tcptrace::priority::{self, Backlog, Guard, RingFill, Threads};
 use tcptrace::reader::{self, monotonic_ns, Intake, Msg, ReaderStats, Reorder, Watermarks};
 use tcptrace::render::{self, Clock, Mode};
+use tcptrace::tally::Tally;
 use tcptrace_common::{Filter, AF_INET, AF_INET6, MAX_PORTS};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -191,12 +192,14 @@ fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
     let clock = Clock::epoch();
     let mut out = BufWriter::with_capacity(OUT_BUFFER, std::io::stdout().lock());
     let mut m = Matcher::new(MatcherConfig::default());
+    let mut tally = Tally::default();
     // Matched as the file is read: memory is the matcher's, not the file's.
     let mut failed: Option<std::io::Error> = None;
     let (stats, broken) = map.read_each(&mut |ev| {
         let write = || -> std::io::Result<()> {
             render::write_event(&mut out, mode, &ev, &clock)?;
             for c in m.push(ev) {
+                tally.add(&c);
                 render::connection(&mut out, mode, &c)?;
             }
             Ok(())
@@ -216,13 +219,21 @@ fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
         return Err(e.clone()).with_context(|| format!("bad capture file {}", file.display()));
     }
     for c in m.finish() {
+        tally.add(&c);
         render::connection(&mut out, mode, &c)?;
     }
     out.flush()?;
     let s = &stats;
-    eprintln!(
-        "tcptrace: {} packets, {} TCP segments ({} non-TCP, {} truncated, {} unsupported skipped)",
-        s.packets, s.tcp_segments, s.skipped_non_tcp, s.skipped_truncated, s.skipped_unsupported
+    eprint!(
+        "tcptrace: {} packets, {} TCP segments ({} non-TCP, {} truncated, {} unsupported skipped); {} connection{}\n{}",
+        s.packets,
+        s.tcp_segments,
+        s.skipped_non_tcp,
+        s.skipped_truncated,
+        s.skipped_unsupported,
+        tally.connections,
+        if tally.connections == 1 { "" } else { "s" },
+        tally.lines()
     );
     if let Some(e) = broken {
         eprintln!(
@@ -456,11 +467,11 @@ async fn run_live(
     let mut out = Output::stdout(threads.clone())?;
     // Events that reached this loop; the readers count those they took.
     let mut received: u64 = 0;
-    let connections = std::cell::Cell::new(0u64);
+    let tally = std::cell::RefCell::new(Tally::default());
     let mut lost_reported = 0;
     let mut missed_reported = 0;
     let mut emit = |out: &mut Output, c: &Connection| -> std::io::Result<()> {
-        connections.set(connections.get() + 1);
+        tally.borrow_mut().add(c);
         render::connection(out, mode, c)?;
         on_connection(c);
         Ok(())
@@ -560,7 +571,7 @@ async fn run_live(
             _ = signals.term.recv() => break 'run,
         }
         if let Some(n) = stop.connections {
-            if connections.get() >= n {
+            if tally.borrow().connections >= n {
                 break 'run;
             }
         }
@@ -643,12 +654,17 @@ async fn run_live(
     let lost = ring_full + missed;
     let undecodable = stats.undecodable.load(Ordering::Relaxed);
     let unmatched = matcher.stats().unresolved_state_events;
+    let tally = tally.into_inner();
     if mode == Mode::Json {
-        writeln!(
-            out,
-            "{}",
-            serde_json::json!({"type": "summary", "events": events, "lost": lost, "ring_full": ring_full, "missed": missed, "undecodable": undecodable, "unmatched_state_changes": unmatched, "priority_claims": claims, "priority_claimed_ms": claimed_ms})
-        )?;
+        let mut summary = match serde_json::json!({"type": "summary", "events": events, "lost": lost, "ring_full": ring_full, "missed": missed, "undecodable": undecodable, "unmatched_state_changes": unmatched, "priority_claims": claims, "priority_claimed_ms": claimed_ms})
+        {
+            serde_json::Value::Object(o) => o,
+            _ => unreachable!("a JSON object literal"),
+        };
+        if matching {
+            tally.json_fields(&mut summary);
+        }
+        writeln!(out, "{}", serde_json::Value::Object(summary))?;
     }
     out.finish()?;
     if claims > 0 {
@@ -667,6 +683,14 @@ async fn run_live(
             String::new()
         }
     );
+    if matching {
+        eprint!(
+            "tcptrace: {} connection{}\n{}",
+            tally.connections,
+            if tally.connections == 1 { "" } else { "s" },
+            tally.lines()
+        );
+    }
     if unmatched > 0 {
         eprintln!("tcptrace: {unmatched} state changes are in no connection record: their socket never had both ports (a connect() that failed before a source port was chosen, or a socket tcptrace saw only in part); --events and --json show them");
     }

@@ -136,6 +136,14 @@ fn loopback(addr: &str) {
     let summary = of_type(&events, "summary");
     assert_eq!(summary.len(), 1);
     assert_eq!(summary[0]["lost"], 0);
+    // What the connection records add up to: the one exchange.
+    assert_eq!(summary[0]["connections"], 1, "{}", summary[0]);
+    assert_eq!(summary[0]["bytes_client"], 5, "{}", summary[0]);
+    let rtt = &summary[0]["handshake_rtt_ns"];
+    assert!(
+        rtt["min"].as_u64() > Some(0) && rtt["min"] == rtt["max"],
+        "{rtt}"
+    );
 }
 
 #[test]
