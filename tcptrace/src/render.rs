@@ -1109,20 +1109,7 @@ mod tests {
         ] {
             check(v, v.name());
         }
-        for v in [
-            AnomalyKind::SynRetransmit,
-            AnomalyKind::SynackRetransmit,
-            AnomalyKind::Refused,
-            AnomalyKind::Reset,
-            AnomalyKind::BadAck,
-            AnomalyKind::HandshakeSeqMismatch,
-            AnomalyKind::StateWithoutSegment,
-            AnomalyKind::SegmentWithoutState,
-            AnomalyKind::HandshakeUnfinished,
-            AnomalyKind::CloseUnfinished,
-            AnomalyKind::Truncated,
-            AnomalyKind::ConnectFailed,
-        ] {
+        for v in AnomalyKind::ALL {
             check(v, v.name());
         }
         for v in 0..=u8::MAX {

@@ -5,17 +5,32 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
-use crate::matcher::Connection;
+use crate::matcher::{AnomalyKind, Close, Connection, Side};
 
+/// Counts by kind are arrays indexed by the kinds' declaration order: a
+/// connection's record costs a few additions, not map lookups.
 #[derive(Clone, Debug, Default)]
 pub struct Tally {
     pub connections: u64,
-    closes: BTreeMap<&'static str, u64>,
-    closed_by: BTreeMap<&'static str, u64>,
-    anomalies: BTreeMap<&'static str, u64>,
+    closes: [u64; Close::ALL.len()],
+    closed_by: [u64; Side::ALL.len()],
+    anomalies: [u64; AnomalyKind::ALL.len()],
     pub bytes_client: u64,
     pub bytes_server: u64,
     rtts: Rtts,
+}
+
+/// The kinds counted, by name, in name order (as JSON objects list them).
+fn by_name<K: Copy>(
+    all: &[K],
+    counts: &[u64],
+    name: impl Fn(K) -> &'static str,
+) -> BTreeMap<&'static str, u64> {
+    all.iter()
+        .zip(counts)
+        .filter(|(_, &n)| n > 0)
+        .map(|(&k, &n)| (name(k), n))
+        .collect()
 }
 
 /// Handshake RTTs (SYN → SYN-ACK at the client), in ns.
@@ -33,12 +48,18 @@ impl Tally {
         if let Some(r) = c.handshake_rtt_ns {
             self.rtts.add(r);
         }
-        *self.closes.entry(c.close.name()).or_default() += 1;
-        if let Some(s) = c.closed_by {
-            *self.closed_by.entry(s.name()).or_default() += 1;
+        // `get_mut`: a kind missing from its `ALL` list goes uncounted here
+        // rather than panic (the test below checks the lists).
+        if let Some(n) = self.closes.get_mut(c.close as usize) {
+            *n += 1;
+        }
+        if let Some(n) = c.closed_by.and_then(|s| self.closed_by.get_mut(s as usize)) {
+            *n += 1;
         }
         for a in &c.anomalies {
-            *self.anomalies.entry(a.kind.name()).or_default() += u64::from(a.count);
+            if let Some(n) = self.anomalies.get_mut(a.kind as usize) {
+                *n += u64::from(a.count);
+            }
         }
         self.bytes_client += c.bytes_client.unwrap_or(0);
         self.bytes_server += c.bytes_server.unwrap_or(0);
@@ -46,6 +67,18 @@ impl Tally {
 
     pub fn rtt(&self) -> Option<Quantiles> {
         self.rtts.quantiles()
+    }
+
+    fn closes(&self) -> BTreeMap<&'static str, u64> {
+        by_name(&Close::ALL, &self.closes, Close::name)
+    }
+
+    fn closed_by(&self) -> BTreeMap<&'static str, u64> {
+        by_name(&Side::ALL, &self.closed_by, Side::name)
+    }
+
+    fn anomalies(&self) -> BTreeMap<&'static str, u64> {
+        by_name(&AnomalyKind::ALL, &self.anomalies, AnomalyKind::name)
     }
 
     /// Indented lines for people: RTTs, closes, bytes, anomalies.
@@ -72,25 +105,26 @@ impl Tally {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let by = if self.closed_by.is_empty() {
+        let (closes, closed_by, anomalies) = (self.closes(), self.closed_by(), self.anomalies());
+        let by = if closed_by.is_empty() {
             String::new()
         } else {
-            format!(" (closed by: {})", list(&self.closed_by))
+            format!(" (closed by: {})", list(&closed_by))
         };
-        let closes = if self.closes.is_empty() {
+        let closes = if closes.is_empty() {
             "none".to_string()
         } else {
-            list(&self.closes)
+            list(&closes)
         };
         s.push_str(&format!("  closes: {closes}{by}\n"));
         s.push_str(&format!(
             "  bytes: {} B from the client, {} B from the server\n",
             self.bytes_client, self.bytes_server
         ));
-        let anomalies = if self.anomalies.is_empty() {
+        let anomalies = if anomalies.is_empty() {
             "none".to_string()
         } else {
-            list(&self.anomalies)
+            list(&anomalies)
         };
         s.push_str(&format!("  anomalies: {anomalies}\n"));
         s
@@ -108,9 +142,9 @@ impl Tally {
                 |q| json!({"min": q.min, "median": q.median, "p99": q.p99, "max": q.max}),
             ),
         );
-        o.insert("close".into(), json!(self.closes));
-        o.insert("closed_by".into(), json!(self.closed_by));
-        o.insert("anomalies".into(), json!(self.anomalies));
+        o.insert("close".into(), json!(self.closes()));
+        o.insert("closed_by".into(), json!(self.closed_by()));
+        o.insert("anomalies".into(), json!(self.anomalies()));
         o.insert("bytes_client".into(), json!(self.bytes_client));
         o.insert("bytes_server".into(), json!(self.bytes_server));
     }
@@ -186,6 +220,21 @@ pub fn dur(ns: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The arrays are indexed by `kind as usize`: the lists must be in
+    /// declaration order.
+    #[test]
+    fn kind_lists_are_in_declaration_order() {
+        for (i, k) in AnomalyKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "{k:?}");
+        }
+        for (i, k) in Close::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "{k:?}");
+        }
+        for (i, k) in Side::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "{k:?}");
+        }
+    }
 
     fn rtts(values: impl IntoIterator<Item = u64>) -> Option<Quantiles> {
         let mut r = Rtts::default();

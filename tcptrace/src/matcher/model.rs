@@ -25,6 +25,9 @@ pub enum Side {
 }
 
 impl Side {
+    /// Every side, in declaration order: `side as usize` indexes it.
+    pub const ALL: [Side; 3] = [Side::Client, Side::Server, Side::Both];
+
     pub fn peer(self) -> Side {
         match self {
             Side::Client => Side::Server,
@@ -90,6 +93,15 @@ pub enum Close {
 }
 
 impl Close {
+    /// Every kind, in declaration order: `close as usize` indexes it.
+    pub const ALL: [Close; 5] = [
+        Close::FourSegment,
+        Close::ThreeSegment,
+        Close::Simultaneous,
+        Close::Reset,
+        Close::Unfinished,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Close::FourSegment => "four-segment",
@@ -330,6 +342,22 @@ pub enum AnomalyKind {
 }
 
 impl AnomalyKind {
+    /// Every kind, in declaration order: `kind as usize` indexes it.
+    pub const ALL: [AnomalyKind; 12] = [
+        AnomalyKind::SynRetransmit,
+        AnomalyKind::SynackRetransmit,
+        AnomalyKind::Refused,
+        AnomalyKind::Reset,
+        AnomalyKind::BadAck,
+        AnomalyKind::HandshakeSeqMismatch,
+        AnomalyKind::StateWithoutSegment,
+        AnomalyKind::SegmentWithoutState,
+        AnomalyKind::HandshakeUnfinished,
+        AnomalyKind::CloseUnfinished,
+        AnomalyKind::Truncated,
+        AnomalyKind::ConnectFailed,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             AnomalyKind::SynRetransmit => "syn_retransmit",
