@@ -320,6 +320,7 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
         keep: Box::new(|_| true),
         on_connection: &mut |_| {},
         always_match: false,
+        tally_on_stderr: true,
         stopped: None,
     };
     trace(rt, signals, tracer, run)?;
@@ -382,6 +383,9 @@ struct Run<'a> {
     on_connection: &'a mut dyn FnMut(&Connection),
     /// Match connections in --events mode too (to count them).
     always_match: bool,
+    /// End with what the connections add up to on stderr (the demo prints
+    /// its own summary).
+    tally_on_stderr: bool,
     /// Set as soon as the run stops, before the remaining events are drained
     /// and the programs detached.
     stopped: Option<&'a AtomicBool>,
@@ -426,6 +430,7 @@ async fn run_live(
         keep,
         on_connection,
         always_match,
+        tally_on_stderr,
         stopped,
     } = run;
     let matching = mode != Mode::Events || always_match;
@@ -683,7 +688,7 @@ async fn run_live(
             String::new()
         }
     );
-    if matching {
+    if matching && tally_on_stderr {
         eprint!(
             "tcptrace: {} connection{}\n{}",
             tally.connections,
@@ -692,7 +697,7 @@ async fn run_live(
         );
     }
     if unmatched > 0 {
-        eprintln!("tcptrace: {unmatched} state changes are in no connection record: their socket never had both ports (a connect() that failed before a source port was chosen, or a socket tcptrace saw only in part); --events and --json show them");
+        eprintln!("tcptrace: {unmatched} state changes are in no connection record: their socket never showed both ports (tcptrace saw it only in part); --events and --json show them");
     }
     match failure {
         Some(e) => Err(e),
@@ -793,6 +798,7 @@ fn demo(a: DemoArgs, mode: Mode) -> Result<i32> {
         keep: Box::new(net.event_filter()),
         on_connection: &mut |c| summary.add(c),
         always_match: true,
+        tally_on_stderr: false,
         stopped: Some(&stopping),
     };
     let res = trace(rt, signals, tracer, run);

@@ -683,7 +683,9 @@ impl Matcher {
             if sc.oldstate == TcpState::SynSent && sc.dport != 0 && !sc.daddr.is_unspecified() {
                 let first_ts = held.as_ref().map_or(sc.ts_ns, |p| p.first.ts_ns);
                 let key = Key::of(sc.saddr, 0, sc.daddr, sc.dport, sc.netns);
-                let id = self.create(key, first_ts, out);
+                // Emitted at once: no live record is pushed out to make
+                // room, and no 4-tuple entry can shadow a live one.
+                let id = self.new_record(key, first_ts);
                 for e in held
                     .into_iter()
                     .flat_map(|p| std::iter::once(p.first).chain(p.more))
@@ -750,6 +752,15 @@ impl Matcher {
             };
             out.extend(self.emit(victim, reason));
         }
+        let id = self.new_record(key, ts);
+        self.by_key.insert(key, id);
+        self.note_new_record(id, ts);
+        id
+    }
+
+    /// A record outside the table's bookkeeping (no room made, no 4-tuple
+    /// entry, no activity order): for one that is emitted at once.
+    fn new_record(&mut self, key: Key, ts: u64) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.stats.connections += 1;
@@ -771,8 +782,6 @@ impl Matcher {
             None => Box::new(record(Vec::new())),
         };
         self.conns.insert(id, boxed);
-        self.by_key.insert(key, id);
-        self.note_new_record(id, ts);
         id
     }
 

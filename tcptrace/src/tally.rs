@@ -92,7 +92,7 @@ impl Tally {
                 dur(q.p99),
                 dur(q.max),
                 if self.rtts.n > SAMPLE as u64 {
-                    format!(" (median and p99 of a sample of {SAMPLE})")
+                    format!(" (median and p99 of a sample of {SAMPLE} of the {} measured)", self.rtts.n)
                 } else {
                     String::new()
                 }
@@ -196,7 +196,8 @@ impl Rtts {
         let median = match n {
             0 => return None,
             _ if n % 2 == 1 => v[n / 2],
-            _ => (v[n / 2 - 1] + v[n / 2]) / 2,
+            // Sorted, so no overflow: a capture's RTT can be near u64::MAX.
+            _ => v[n / 2 - 1] + (v[n / 2] - v[n / 2 - 1]) / 2,
         };
         // The smallest value with at least 99 % of the sample at or below it.
         let p99 = v[(n * 99).div_ceil(100) - 1];

@@ -323,6 +323,9 @@ impl Step {
 ///   exit, half-closed, last FIN never acknowledged).
 /// - `truncated`: the per-connection event cap was reached; some plain
 ///   data segments were only counted, not kept.
+/// - `connect_failed`: connect() failed before the kernel chose a source
+///   port (SYN_SENT → CLOSE with port 0: no local port free for that
+///   destination, EADDRNOTAVAIL, as a rule); the record's client port is 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AnomalyKind {
@@ -342,7 +345,8 @@ pub enum AnomalyKind {
 }
 
 impl AnomalyKind {
-    /// Every kind, in declaration order: `kind as usize` indexes it.
+    /// Every kind, in declaration order: `kind as usize` indexes it (the
+    /// closing summary counts by it; a kind left out goes uncounted there).
     pub const ALL: [AnomalyKind; 12] = [
         AnomalyKind::SynRetransmit,
         AnomalyKind::SynackRetransmit,

@@ -308,6 +308,35 @@ fn a_connect_failing_before_its_port_is_a_record_of_its_own() {
     assert!(c.anomalies.is_empty(), "{:?}\n{text}", c.anomalies);
 }
 
+/// A failed connect's record is told at once: with the table full it
+/// pushes no live connection out.
+#[test]
+fn a_failed_connect_evicts_nothing() {
+    use TcpState::*;
+    let mut m = Matcher::new(MatcherConfig {
+        max_connections: 1,
+        ..MatcherConfig::default()
+    });
+    // One live connection fills the table.
+    for e in full_conversation().into_iter().take(4) {
+        assert!(m.push(e).is_empty());
+    }
+    let mut open = state(200, true, Close, SynSent, 0);
+    let mut failed = state(205, true, SynSent, Close, 0);
+    for e in [&mut open, &mut failed] {
+        if let Event::State(sc) = e {
+            sc.skaddr = 0xffff_8880_0000_9000;
+            sc.sport = 0;
+        }
+    }
+    assert!(m.push(open).is_empty());
+    let told = m.push(failed);
+    assert_eq!(told.len(), 1, "{told:#?}");
+    assert!(told[0].has_anomaly(AnomalyKind::ConnectFailed));
+    let stats = m.stats();
+    assert_eq!((stats.active, stats.evicted), (1, 0));
+}
+
 /// Bytes each way from the sockets' own counters at → CLOSE: exact past
 /// 4 GiB, where FIN seq − ISN wraps, and with or without the wire. The
 /// kernel counts sequence space: the client's SYN and each FIN are a byte.
