@@ -222,6 +222,20 @@ fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
         tally.add(&c);
         render::connection(&mut out, mode, &c)?;
     }
+    if mode == Mode::Json {
+        // As a live run's, for scripts: what was read, and what the
+        // connection records add up to.
+        let mut summary = match serde_json::to_value(&stats) {
+            Ok(serde_json::Value::Object(o)) => o,
+            _ => serde_json::Map::new(),
+        };
+        summary.insert("type".into(), "summary".into());
+        if let Some(e) = &broken {
+            summary.insert("broken".into(), e.to_string().into());
+        }
+        tally.json_fields(&mut summary);
+        writeln!(out, "{}", serde_json::Value::Object(summary))?;
+    }
     out.flush()?;
     let s = &stats;
     eprint!(

@@ -246,6 +246,18 @@ fn a_capture_cut_short_shows_what_comes_before_the_break() {
         stderr.contains("breaks at byte offset") && stderr.contains("cut short"),
         "{stderr}"
     );
+    // The JSON ends with a summary that says so too.
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("JSON");
+    assert_eq!(summary["type"], "summary", "{summary}");
+    assert_eq!(summary["connections"], 2, "{summary}");
+    assert_eq!(summary["packets"], 45, "{summary}");
+    assert!(
+        summary["broken"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("at byte offset")),
+        "{summary}"
+    );
 
     // A pipe is read too (not mapped).
     let out = std::process::Command::new("sh")
