@@ -239,15 +239,13 @@ fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
     out.flush()?;
     let s = &stats;
     eprint!(
-        "tcptrace: {} packets, {} TCP segments ({} non-TCP, {} truncated, {} unsupported skipped); {} connection{}\n{}",
+        "tcptrace: {} packets, {} TCP segments ({} non-TCP, {} truncated, {} unsupported skipped); {}",
         s.packets,
         s.tcp_segments,
         s.skipped_non_tcp,
         s.skipped_truncated,
         s.skipped_unsupported,
-        tally.connections,
-        if tally.connections == 1 { "" } else { "s" },
-        tally.lines()
+        tally.text()
     );
     if let Some(e) = broken {
         eprintln!(
@@ -703,12 +701,7 @@ async fn run_live(
         }
     );
     if matching && tally_on_stderr {
-        eprint!(
-            "tcptrace: {} connection{}\n{}",
-            tally.connections,
-            if tally.connections == 1 { "" } else { "s" },
-            tally.lines()
-        );
+        eprint!("tcptrace: {}", tally.text());
     }
     if unmatched > 0 {
         eprintln!("tcptrace: {unmatched} state changes are in no connection record: their socket never showed both ports (tcptrace saw it only in part); --events and --json show them");

@@ -83,9 +83,9 @@ impl std::error::Error for PcapError {}
 /// Reads a whole capture file. Errors name the file (`{:#}` also shows the
 /// offset and cause from the underlying [`PcapError`]).
 pub fn read_file(path: &Path) -> anyhow::Result<Capture> {
-    let data = std::fs::read(path)
+    let file = CaptureFile::open(path)
         .with_context(|| format!("cannot read capture file {}", path.display()))?;
-    read_bytes(&data).with_context(|| format!("bad capture file {}", path.display()))
+    read_bytes(file.bytes()).with_context(|| format!("bad capture file {}", path.display()))
 }
 
 /// Decodes a capture held in memory, every segment collected; the format is

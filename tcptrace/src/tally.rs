@@ -81,6 +81,16 @@ impl Tally {
         by_name(&AnomalyKind::ALL, &self.anomalies, AnomalyKind::name)
     }
 
+    /// For people: "N connections", then [`Tally::lines`].
+    pub fn text(&self) -> String {
+        let n = self.connections;
+        format!(
+            "{n} connection{}\n{}",
+            if n == 1 { "" } else { "s" },
+            self.lines()
+        )
+    }
+
     /// Indented lines for people: RTTs, closes, bytes, anomalies.
     pub fn lines(&self) -> String {
         let mut s = String::new();

@@ -861,8 +861,8 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
     let kernel_opened = changes
         .iter()
         .any(|c| matches!(c.newstate, TcpState::SynSent | TcpState::SynRecv));
-    let connect_failed = changes.iter().any(|c| is_portless_connect_failure(c));
-    if let Some(c) = changes.iter().find(|c| is_portless_connect_failure(c)) {
+    let connect_failed = changes.iter().find(|c| is_portless_connect_failure(c));
+    if let Some(c) = connect_failed {
         let mut a = Anomaly::new(
             AnomalyKind::ConnectFailed,
             text![
@@ -1221,11 +1221,7 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
                 + dr.bytes,
         )
     };
-    let (mut bytes_client, mut bytes_server) = if views.wire {
-        (bytes(Side::Client), bytes(Side::Server))
-    } else {
-        (None, None)
-    };
+    let from_wire = |side: Side| if views.wire { bytes(side) } else { None };
     // A socket's own counters at → CLOSE, where traced, are 64-bit and
     // there after a reset too. A count from FIN seq − ISN is exact but for
     // whole multiples of 4 GiB, which the counters supply; any other count
@@ -1238,30 +1234,22 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
             .filter(|s| s.side == side)
             .find_map(payload_counters)
     };
-    let (client_counts, server_counts) = (counted(Side::Client), counted(Side::Server));
-    let lift = |side: Side, wire: Option<u64>, counted: Option<u64>| {
+    // What `side` sent: its own acknowledged count, else what its peer received.
+    let sent = |side: Side| {
+        counted(side)
+            .map(|(acked, _)| acked)
+            .or(counted(side.peer()).map(|(_, received)| received))
+    };
+    let lift = |side: Side| {
         let exact_mod_4g = isn[idx(side)].is_some() && fin[idx(side)].is_some();
-        match (wire, counted) {
+        match (from_wire(side), sent(side)) {
             (Some(w), Some(c)) if exact_mod_4g => {
                 Some(w + (c.saturating_sub(w) + (1 << 31)) / (1 << 32) * (1 << 32))
             }
             (w, c) => c.or(w),
         }
     };
-    bytes_client = lift(
-        Side::Client,
-        bytes_client,
-        client_counts
-            .map(|(a, _)| a)
-            .or(server_counts.map(|(_, r)| r)),
-    );
-    bytes_server = lift(
-        Side::Server,
-        bytes_server,
-        server_counts
-            .map(|(a, _)| a)
-            .or(client_counts.map(|(_, r)| r)),
-    );
+    let (bytes_client, bytes_server) = (lift(Side::Client), lift(Side::Server));
 
     // Open, from the client's point of view (rule in `Open`'s doc).
     let kernel_sim = changes
@@ -1350,7 +1338,7 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
                 );
                 st.explain = if is_portless_connect_failure(sc) {
                     "connect() failed: no free local port for this destination (EADDRNOTAVAIL); no SYN was sent".into()
-                } else if connect_failed && sc.newstate == TcpState::SynSent {
+                } else if connect_failed.is_some() && sc.newstate == TcpState::SynSent {
                     "connect(): the socket enters SYN_SENT before the kernel picks its source port"
                         .into()
                 } else {
