@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use tcptrace::bpf::{TraceConfig, Tracer};
 use tcptrace::demo;
 use tcptrace::event::Event;
-use tcptrace::matcher::{Connection, Matcher, MatcherConfig};
+use tcptrace::matcher::{AnomalyKind, Connection, Matcher, MatcherConfig};
 use tcptrace::output::Output;
 use tcptrace::priority::{self, Backlog, Guard, RingFill, Threads};
 use tcptrace::reader::{self, monotonic_ns, Intake, Msg, ReaderStats, Reorder, Watermarks};
@@ -702,6 +702,10 @@ async fn run_live(
     );
     if matching && tally_on_stderr {
         eprint!("tcptrace: {}", tally.text());
+    }
+    let gaps = tally.anomalies_of(AnomalyKind::StateGap);
+    if gaps > 0 {
+        eprintln!("tcptrace: {gaps} holes in sockets' state changes (state_gap in their connection records): state changes that never arrived; the kernel does not count every state change it skips under load, so there can be holes with nothing counted as lost");
     }
     if unmatched > 0 {
         eprintln!("tcptrace: {unmatched} state changes are in no connection record: their socket never showed both ports (tcptrace saw it only in part); --events and --json show them");

@@ -65,6 +65,11 @@ impl Tally {
         self.bytes_server += c.bytes_server.unwrap_or(0);
     }
 
+    /// Anomalies of one kind, over all connections.
+    pub fn anomalies_of(&self, kind: AnomalyKind) -> u64 {
+        self.anomalies.get(kind as usize).copied().unwrap_or(0)
+    }
+
     pub fn rtt(&self) -> Option<Quantiles> {
         self.rtts.quantiles()
     }

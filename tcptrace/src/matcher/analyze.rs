@@ -1027,6 +1027,11 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
                 Class::Rst if terminal_rst == Some(wi) => {
                     (&[Side::Client, Side::Server], Pred::Rst)
                 }
+                // The FIN's sender leaves FIN_WAIT1, CLOSING or LAST_ACK.
+                Class::AckOfFin => match w.from {
+                    Side::Client => (&[Side::Server], Pred::AckOfFin),
+                    _ => (&[Side::Client], Pred::AckOfFin),
+                },
                 _ => (&[], Pred::Rst),
             };
             for &side in sides {
@@ -1057,6 +1062,12 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
                 }
             }
         }
+    }
+
+    // State changes that never arrived. Events over the per-connection cap
+    // are already reported (`truncated`), and may be state changes.
+    if events_dropped == 0 {
+        state_gaps(&socks, &mut anomalies);
     }
 
     // 4. TIME_WAIT.
@@ -1691,6 +1702,103 @@ fn payload_counters(sock: &Sock) -> Option<(u64, u64)> {
         acked.saturating_sub(u64::from(syn_acked) + u64::from(fin_acked)),
         received.saturating_sub(u64::from(fin_received)),
     ))
+}
+/// A traced socket state that only a segment from the peer ends, and the
+/// peer's transition that proves such a segment arrived: the peer moves only
+/// on this socket's answer, which this socket sends after it has moved.
+/// (Not SYN_SENT: a connecting socket joins its record only once it has a
+/// port, after SYN_SENT.)
+/// Each: the peer's FIN was acknowledged, and this socket acknowledges a FIN
+/// once it has taken it (ESTABLISHED → CLOSE_WAIT, FIN_WAIT1 → CLOSING,
+/// FIN_WAIT2 → CLOSE for a timewait socket).
+const PEER_PROVES_MOVED: [(TcpState, TcpState, TcpState); 3] = {
+    use TcpState::*;
+    [
+        (Established, FinWait1, FinWait2),
+        (FinWait1, LastAck, Close),
+        (FinWait2, LastAck, Close),
+    ]
+};
+
+/// Linux's TCP_RTO_MIN: no retransmission timer fires sooner.
+const MIN_RTO_NS: u64 = 200_000_000;
+
+/// Holes in what the kernel told of a socket (`state_gap`): state changes
+/// lost to a full ring, or skipped by the kernel (which counts only part of
+/// its skips). A socket's traced changes chain, each leaving the state the
+/// last one entered; and a peer's transition can prove this socket moved on
+/// from where it was last seen. Only sockets whose changes this record has
+/// in full are judged: a record that begins mid-life has no chain to break.
+fn state_gaps(socks: &[Sock], anomalies: &mut Vec<Anomaly>) {
+    for sock in socks {
+        let side = sock.side.name();
+        for pair in sock.changes.windows(2) {
+            let (prev, sc) = (pair[0], pair[1]);
+            // After → CLOSE the address is the next socket's; a child's
+            // first change leaves LISTEN and a connect()'s leaves CLOSE.
+            let next_socket = prev.newstate == TcpState::Close
+                || sc.oldstate == TcpState::Listen
+                || (sc.oldstate, sc.newstate) == (TcpState::Close, TcpState::SynSent);
+            if next_socket || sc.oldstate == prev.newstate {
+                continue;
+            }
+            let mut a = Anomaly::new(
+                AnomalyKind::StateGap,
+                format!(
+                    "{side} socket {:#x} went {} → {}, then {} → {}: how it left {} was not traced (lost, or skipped by the kernel)",
+                    sc.skaddr, prev.oldstate, prev.newstate, sc.oldstate, sc.newstate, prev.newstate
+                ),
+            );
+            a.side = Some(sock.side);
+            a.state = Some(format!("{} → {}", prev.newstate, sc.oldstate));
+            a.ts_ns = Some(sc.ts_ns);
+            anomalies.push(a);
+        }
+        let Some(last) = sock.changes.last() else {
+            continue;
+        };
+        let proof = socks
+            .iter()
+            .filter(|p| p.side != sock.side)
+            .flat_map(|p| {
+                p.changes.iter().enumerate().map(|(i, &c)| {
+                    let in_state = (i > 0).then(|| c.ts_ns.saturating_sub(p.changes[i - 1].ts_ns));
+                    (c, in_state)
+                })
+            })
+            .filter(|&(c, _)| c.ts_ns > last.ts_ns)
+            .find_map(|(c, in_state)| {
+                // LAST_ACK also ends by giving up on retransmitting the FIN;
+                // not within the minimum RTO, though.
+                let in_time =
+                    c.oldstate != TcpState::LastAck || in_state.is_some_and(|ns| ns < MIN_RTO_NS);
+                let proves = PEER_PROVES_MOVED.contains(&(last.newstate, c.oldstate, c.newstate));
+                (proves && in_time).then_some(c)
+            });
+        if let Some(c) = proof {
+            let peer = if sock.side == Side::Client {
+                Side::Server
+            } else {
+                Side::Client
+            };
+            let mut a = Anomaly::new(
+                AnomalyKind::StateGap,
+                format!(
+                    "{side} socket {:#x} was last traced entering {}, but the {peer}'s {} → {} means the {side} acknowledged the {peer}'s FIN, which it does only after leaving {}: its later state changes were not traced (lost, or skipped by the kernel)",
+                    last.skaddr,
+                    last.newstate,
+                    c.oldstate,
+                    c.newstate,
+                    last.newstate,
+                    peer = peer.name(),
+                ),
+            );
+            a.side = Some(sock.side);
+            a.state = Some(format!("{} → ?", last.newstate));
+            a.ts_ns = Some(c.ts_ns);
+            anomalies.push(a);
+        }
+    }
 }
 
 /// SYN_SENT → CLOSE before the kernel chose a source port: the port search

@@ -326,6 +326,11 @@ impl Step {
 /// - `connect_failed`: connect() failed before the kernel chose a source
 ///   port (SYN_SENT → CLOSE with port 0: no local port free for that
 ///   destination, EADDRNOTAVAIL, as a rule); the record's client port is 0.
+/// - `state_gap`: a socket's traced state changes have a hole: one leaves a
+///   state the last one did not enter, or the peer's transition proves the
+///   socket moved on from the state it was last traced in. The changes in
+///   between never arrived: lost to a full ring, or skipped by the kernel
+///   (which does not count all of its skips).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AnomalyKind {
@@ -342,12 +347,14 @@ pub enum AnomalyKind {
     Truncated,
     /// connect() failed before the kernel chose a source port.
     ConnectFailed,
+    /// State changes of a traced socket that never arrived.
+    StateGap,
 }
 
 impl AnomalyKind {
     /// Every kind, in declaration order: `kind as usize` indexes it (the
     /// closing summary counts by it; a kind left out goes uncounted there).
-    pub const ALL: [AnomalyKind; 12] = [
+    pub const ALL: [AnomalyKind; 13] = [
         AnomalyKind::SynRetransmit,
         AnomalyKind::SynackRetransmit,
         AnomalyKind::Refused,
@@ -360,6 +367,7 @@ impl AnomalyKind {
         AnomalyKind::CloseUnfinished,
         AnomalyKind::Truncated,
         AnomalyKind::ConnectFailed,
+        AnomalyKind::StateGap,
     ];
 
     pub fn name(self) -> &'static str {
@@ -376,6 +384,7 @@ impl AnomalyKind {
             AnomalyKind::CloseUnfinished => "close_unfinished",
             AnomalyKind::Truncated => "truncated",
             AnomalyKind::ConnectFailed => "connect_failed",
+            AnomalyKind::StateGap => "state_gap",
         }
     }
 }

@@ -515,6 +515,29 @@ fn live_state_without_segment_and_segment_without_state() {
         "{:#?}",
         c.anomalies
     );
+
+    let mut ev = full_conversation();
+    // The kernel skipped the client's last two changes (one softirq: the
+    // server's ACK, then its FIN): the ACK of its FIN moved it.
+    ev.retain(|e| {
+        !matches!(e, Event::State(s) if s.skaddr == SK_C && matches!(s.newstate, TcpState::FinWait2 | TcpState::Close))
+    });
+    let c = &run(&ev).0[0];
+    let unexplained: Vec<(Option<Side>, &str)> = c
+        .anomalies
+        .iter()
+        .filter(|a| a.kind == AnomalyKind::SegmentWithoutState)
+        .map(|a| (a.side, a.step.map_or("", |i| c.steps[i].name.as_ref())))
+        .collect();
+    assert_eq!(
+        unexplained,
+        [
+            (Some(Side::Client), "ACK of FIN"),
+            (Some(Side::Client), "FIN")
+        ],
+        "{}",
+        timeline::to_string(c)
+    );
 }
 
 /// The client closes first and its socket, orphaned, is handed to a
@@ -585,6 +608,106 @@ fn live_kernel_only_and_wire_only_views_do_not_cross_check() {
     assert_eq!(c.client.to_string(), "10.1.0.1:40000");
     assert_eq!(c.close, super::Close::FourSegment);
     assert_eq!(c.closed_by, Some(Side::Client));
+}
+
+/// State changes that never arrived (`state_gap`): lost to a full ring or
+/// skipped by the kernel, which does not count all of its skips. A hole in
+/// a socket's chain of changes, or a peer's transition proving that the
+/// socket moved on from where it was last traced; with the wire or without.
+#[test]
+fn state_changes_that_never_arrived_are_state_gaps() {
+    use TcpState::*;
+    type Gap = (Side, &'static str, u64);
+    type Missing = &'static [(bool, TcpState, TcpState)];
+    // (what happened, the state changes that never arrived as (client?, old,
+    // new), ms the server's LAST_ACK lasted in all, the gaps reported)
+    let table: [(&str, Missing, Option<u64>, &[Gap]); 7] = [
+        ("nothing missing", &[], None, &[]),
+        (
+            "the server took the client's FIN untraced",
+            &[(false, Established, CloseWait)],
+            None,
+            &[(Side::Server, "ESTABLISHED → CLOSE_WAIT", 1100)],
+        ),
+        (
+            "the ACK of the client's FIN moved it untraced",
+            &[(true, FinWait1, FinWait2)],
+            None,
+            &[(Side::Client, "FIN_WAIT1 → FIN_WAIT2", 1122)],
+        ),
+        (
+            // The bench's 100,000-connection close burst: both changes of
+            // one softirq skipped.
+            "the client's last two changes skipped",
+            &[(true, FinWait1, FinWait2), (true, FinWait2, Close)],
+            None,
+            &[(Side::Client, "FIN_WAIT1 → ?", 1144)],
+        ),
+        (
+            "the client's last change skipped",
+            &[(true, FinWait2, Close)],
+            None,
+            &[(Side::Client, "FIN_WAIT2 → ?", 1144)],
+        ),
+        (
+            "the server never traced past ESTABLISHED",
+            &[
+                (false, Established, CloseWait),
+                (false, CloseWait, LastAck),
+                (false, LastAck, Close),
+            ],
+            None,
+            &[(Side::Server, "ESTABLISHED → ?", 1051)],
+        ),
+        (
+            // LAST_ACK also ends when the server gives up retransmitting
+            // its FIN: that proves nothing about the client.
+            "the client's FIN_WAIT1 may be real: the server's LAST_ACK timed out",
+            &[(true, FinWait1, FinWait2), (true, FinWait2, Close)],
+            Some(1_500),
+            &[],
+        ),
+    ];
+    for (what, missing, last_ack_ms, want) in table {
+        let kept: Vec<Event> = full_conversation()
+            .into_iter()
+            .filter(|e| {
+                !matches!(e, Event::State(sc) if missing.contains(&(sc.skaddr == SK_C, sc.oldstate, sc.newstate)))
+            })
+            .map(|e| match (e, last_ack_ms) {
+                (Event::State(mut sc), Some(ms)) if sc.oldstate == LastAck => {
+                    sc.ts_ns = us(1100) + ms * 1_000_000;
+                    Event::State(sc)
+                }
+                (e, _) => e,
+            })
+            .collect();
+        let kernel_only: Vec<Event> = kept
+            .iter()
+            .filter(|e| matches!(e, Event::State(_)))
+            .cloned()
+            .collect();
+        for (view, ev) in [("wire and kernel", kept), ("kernel only", kernel_only)] {
+            let (conns, _) = run(&ev);
+            assert_eq!(conns.len(), 1, "{what}, {view}: {conns:#?}");
+            let c = &conns[0];
+            let got: Vec<(Side, &str, u64)> = c
+                .anomalies
+                .iter()
+                .filter(|a| a.kind == AnomalyKind::StateGap)
+                .map(|a| {
+                    let at = a.ts_ns.map_or(0, |t| (t - us(0)) / 1000);
+                    (a.side.expect("side"), a.state.as_deref().unwrap_or(""), at)
+                })
+                .collect();
+            assert_eq!(
+                got,
+                want.to_vec(),
+                "{what}, {view}:\n{}",
+                timeline::to_string(c)
+            );
+        }
+    }
 }
 
 /// A connection only the kernel saw is let go `kernel_linger_ns` after its

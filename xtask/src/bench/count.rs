@@ -21,6 +21,9 @@ pub struct Output {
     pub undecodable: Option<u64>,
     /// `--priority yield`: how long tcptrace went back to normal priority.
     pub priority_claimed_ms: Option<u64>,
+    /// tcptrace's `state_gap` anomalies (summary line): the holes it found
+    /// in sockets' state changes, whether or not anything counted them.
+    pub state_gaps: Option<u64>,
     /// tcptrace connection records, by end_reason.
     pub records: BTreeMap<String, u64>,
     /// "OLD->NEW" state transitions, when asked for.
@@ -129,6 +132,8 @@ pub fn tcptrace(path: &Path, transitions: bool) -> Result<Output> {
             o.summary_events = json::field_u64(&line, "events");
             o.undecodable = json::field_u64(&line, "undecodable");
             o.priority_claimed_ms = json::field_u64(&line, "priority_claimed_ms");
+            // Absent from the anomaly counts when there were none.
+            o.state_gaps = Some(json::field_u64(&line, "state_gap").unwrap_or(0));
         }
     }
     o.chains.finish();

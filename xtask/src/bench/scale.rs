@@ -206,6 +206,7 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
          | events skipped by the kernel (BPF recursion_misses of all its programs; tcptrace reports the state tracepoint's as `missed`) | {missed} |\n\
          | unaccounted | {unaccounted} |\n\
          | where state changes are missing: breaks inside a socket's chain / sockets whose last change seen is not CLOSE | {} / {} |\n\
+         | holes tcptrace itself reports (`state_gap` anomalies in its connection records) | {} |\n\
          | tracer CPU (user+sys) | {:.2} s |\n\
          | catch-up after open / close | {:.2} s / {:.2} s |\n\
          | connection records by end reason | {} |\n\
@@ -226,6 +227,7 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
         pc.segments,
         r.out.chains.breaks,
         r.out.chains.unfinished_line(),
+        r.out.state_gaps.map_or("–".into(), |n| n.to_string()),
         r.usage.cpu_s,
         r.opened.catch_up_s,
         r.closed.catch_up_s,
@@ -290,6 +292,7 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
         .with("events_unaccounted", unaccounted)
         .with("state_chain_breaks", r.out.chains.breaks)
         .with("sockets_unfinished", r.out.chains.unfinished_line())
+        .with("state_gap_anomalies", r.out.state_gaps)
         .with("states_per_conn", pc.states)
         .with("segments_per_conn", pc.segments)
         .with("cpu_user_s", r.usage.user_s)
