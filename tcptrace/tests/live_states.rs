@@ -354,3 +354,106 @@ fn a_connect_out_of_ports_is_a_record_of_its_own() {
     let summary = of_type(&events, "summary");
     assert_eq!(summary[0]["unmatched_state_changes"], 0, "{summary:?}");
 }
+
+/// State changes lost to a full ring leave holes in their sockets' chains
+/// of changes; the connection record names each (`state_gap`), though only
+/// the wire could have shown the segments. The ring is made to overflow
+/// between a connection's opening and its closing: tcptrace is stopped,
+/// other connections fill its 4 KiB ring, the client shuts down its side
+/// (its FIN_WAIT1 and FIN_WAIT2, the server's CLOSE_WAIT are lost), and only
+/// then is tcptrace let go, before the server closes.
+#[test]
+fn changes_lost_to_a_full_ring_are_state_gaps() {
+    use std::io::Read as _;
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    if !need_root("changes_lost_to_a_full_ring_are_state_gaps") {
+        return;
+    }
+    let port = free_port();
+    let t = Trace::start(&[
+        "--json",
+        "--no-wire",
+        "--ring-size",
+        "4096",
+        "--port",
+        &port.to_string(),
+    ]);
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listener = TcpListener::bind(server).unwrap();
+    let client = TcpStream::connect(server).unwrap();
+    let (mut child, _) = listener.accept().unwrap();
+    let cport = client.local_addr().unwrap().port();
+    // The opening is read before tcptrace stops.
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: stopping and resuming our own child.
+    unsafe { libc::kill(t.pid(), libc::SIGSTOP) };
+    wait_stopped(t.pid());
+    // About 36 state changes fit a 4 KiB ring; these are 500.
+    for _ in 0..50 {
+        let c = TcpStream::connect(server).unwrap();
+        let (s, _) = listener.accept().unwrap();
+        drop((c, s));
+    }
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(child.read(&mut [0u8; 8]).unwrap(), 0, "the client's FIN");
+    // The server's ACK of it may be delayed (40 ms at most): it too moves
+    // the client while the ring is full.
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: as above.
+    unsafe { libc::kill(t.pid(), libc::SIGCONT) };
+    // The ring is drained before the server closes.
+    std::thread::sleep(Duration::from_millis(500));
+    drop(child);
+    std::thread::sleep(Duration::from_millis(100));
+    drop(client);
+    let events = t.stop();
+    let summary = &of_type(&events, "summary")[0];
+    assert!(summary["lost"].as_u64() > Some(0), "{summary}");
+    let record = of_type(&events, "connection")
+        .into_iter()
+        .find(|c| c["client"] == format!("127.0.0.1:{cport}"))
+        .unwrap_or_else(|| panic!("no record for client port {cport}"));
+    let mut gaps: Vec<(String, String)> = record["anomalies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "state_gap")
+        .map(|a| (a["side"].to_string(), a["state"].to_string()))
+        .collect();
+    gaps.sort();
+    assert_eq!(
+        gaps,
+        [
+            (r#""client""#.into(), r#""ESTABLISHED → FIN_WAIT2""#.into()),
+            (r#""server""#.into(), r#""ESTABLISHED → CLOSE_WAIT""#.into()),
+        ],
+        "{record:#}"
+    );
+    assert!(
+        summary["anomalies"]["state_gap"].as_u64() >= Some(2),
+        "{summary}"
+    );
+}
+
+/// Until every thread of `pid` is stopped: SIGSTOP takes effect when each
+/// thread next runs, and a reader still draining would empty the ring.
+fn wait_stopped(pid: i32) {
+    let stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+            .all(|stat| {
+                // The state follows the parenthesised name, which may hold spaces.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !stopped() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tcptrace did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
