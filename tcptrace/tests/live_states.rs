@@ -248,18 +248,10 @@ fn tiny_ring_reports_lost_events() {
         return;
     }
     let port = free_port();
-    let t = Trace::start(&[
-        "--json",
-        "--no-wire",
-        "--ring-size",
-        "4096",
-        "--port",
-        &port.to_string(),
-    ]);
-    // SAFETY: stopping our own child so its ring fills up.
-    unsafe { libc::kill(t.pid(), libc::SIGSTOP) };
+    let t = tiny_ring(port);
+    pause(&t);
     open_and_close(port, 100, Duration::ZERO);
-    unsafe { libc::kill(t.pid(), libc::SIGCONT) };
+    resume(&t);
     let events = t.stop();
     let summary = of_type(&events, "summary");
     let lost = summary[0]["lost"].as_u64().unwrap();
@@ -370,14 +362,7 @@ fn changes_lost_to_a_full_ring_are_state_gaps() {
         return;
     }
     let port = free_port();
-    let t = Trace::start(&[
-        "--json",
-        "--no-wire",
-        "--ring-size",
-        "4096",
-        "--port",
-        &port.to_string(),
-    ]);
+    let t = tiny_ring(port);
     let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let listener = TcpListener::bind(server).unwrap();
     let client = TcpStream::connect(server).unwrap();
@@ -385,9 +370,7 @@ fn changes_lost_to_a_full_ring_are_state_gaps() {
     let cport = client.local_addr().unwrap().port();
     // The opening is read before tcptrace stops.
     std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: stopping and resuming our own child.
-    unsafe { libc::kill(t.pid(), libc::SIGSTOP) };
-    wait_stopped(t.pid());
+    pause(&t);
     // About 36 state changes fit a 4 KiB ring; these are 500.
     for _ in 0..50 {
         let c = TcpStream::connect(server).unwrap();
@@ -399,8 +382,7 @@ fn changes_lost_to_a_full_ring_are_state_gaps() {
     // The server's ACK of it may be delayed (40 ms at most): it too moves
     // the client while the ring is full.
     std::thread::sleep(Duration::from_millis(200));
-    // SAFETY: as above.
-    unsafe { libc::kill(t.pid(), libc::SIGCONT) };
+    resume(&t);
     // The ring is drained before the server closes.
     std::thread::sleep(Duration::from_millis(500));
     drop(child);
@@ -435,9 +417,26 @@ fn changes_lost_to_a_full_ring_are_state_gaps() {
     );
 }
 
-/// Until every thread of `pid` is stopped: SIGSTOP takes effect when each
-/// thread next runs, and a reader still draining would empty the ring.
-fn wait_stopped(pid: i32) {
+/// tcptrace, state changes only, of connections on `port`, with a 4 KiB
+/// ring: about 36 state changes.
+fn tiny_ring(port: u16) -> Trace {
+    Trace::start(&[
+        "--json",
+        "--no-wire",
+        "--ring-size",
+        "4096",
+        "--port",
+        &port.to_string(),
+    ])
+}
+
+/// Stops tcptrace, so that its ring fills up, and waits until every thread
+/// is stopped: SIGSTOP takes effect as each thread next runs, and a reader
+/// still draining would keep the ring from filling.
+fn pause(t: &Trace) {
+    let pid = t.pid();
+    // SAFETY: stopping our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
     let stopped = || {
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
@@ -456,4 +455,9 @@ fn wait_stopped(pid: i32) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+fn resume(t: &Trace) {
+    // SAFETY: resuming our own child.
+    unsafe { libc::kill(t.pid(), libc::SIGCONT) };
 }
