@@ -705,7 +705,7 @@ async fn run_live(
     }
     let gaps = tally.anomalies_of(AnomalyKind::StateGap);
     if gaps > 0 {
-        eprintln!("tcptrace: {gaps} holes in sockets' state changes (state_gap in their connection records): state changes that never arrived; the kernel does not count every state change it skips under load, so there can be holes with nothing counted as lost");
+        eprintln!("tcptrace: {gaps} hole{} in sockets' state changes (state_gap in their connection records): state changes that did not reach tcptrace; the kernel does not count every state change it skips under load, so there can be holes with nothing counted as lost", if gaps == 1 { "" } else { "s" });
     }
     if unmatched > 0 {
         eprintln!("tcptrace: {unmatched} state changes are in no connection record: their socket never showed both ports (tcptrace saw it only in part); --events and --json show them");

@@ -406,8 +406,8 @@ fn changes_lost_to_a_full_ring_are_state_gaps() {
     assert_eq!(
         gaps,
         [
-            (r#""client""#.into(), r#""ESTABLISHED → FIN_WAIT2""#.into()),
-            (r#""server""#.into(), r#""ESTABLISHED → CLOSE_WAIT""#.into()),
+            (r#""client""#.into(), r#""ESTABLISHED … FIN_WAIT2""#.into()),
+            (r#""server""#.into(), r#""ESTABLISHED … CLOSE_WAIT""#.into()),
         ],
         "{record:#}"
     );

@@ -1028,9 +1028,11 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
                     (&[Side::Client, Side::Server], Pred::Rst)
                 }
                 // The FIN's sender leaves FIN_WAIT1, CLOSING or LAST_ACK.
+                // (A FIN+ACK's move is left to state_gap.)
                 Class::AckOfFin => match w.from {
                     Side::Client => (&[Side::Server], Pred::AckOfFin),
-                    _ => (&[Side::Client], Pred::AckOfFin),
+                    Side::Server => (&[Side::Client], Pred::AckOfFin),
+                    Side::Both => (&[], Pred::AckOfFin),
                 },
                 _ => (&[], Pred::Rst),
             };
@@ -1067,7 +1069,11 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
     // State changes that never arrived. Events over the per-connection cap
     // are already reported (`truncated`), and may be state changes.
     if events_dropped == 0 {
-        state_gaps(&socks, &mut anomalies);
+        let mut peer_reset = [false; 2];
+        for w in wires.iter().filter(|w| w.seg.flags.rst()) {
+            peer_reset[idx(w.from)] = true;
+        }
+        state_gaps(&socks, peer_reset, &mut anomalies);
     }
 
     // 4. TIME_WAIT.
@@ -1703,39 +1709,44 @@ fn payload_counters(sock: &Sock) -> Option<(u64, u64)> {
         received.saturating_sub(u64::from(fin_received)),
     ))
 }
-/// A traced socket state that only a segment from the peer ends, and the
-/// peer's transition that proves such a segment arrived: the peer moves only
-/// on this socket's answer, which this socket sends after it has moved.
-/// (Not SYN_SENT: a connecting socket joins its record only once it has a
-/// port, after SYN_SENT.)
-/// Each: the peer's FIN was acknowledged, and this socket acknowledges a FIN
-/// once it has taken it (ESTABLISHED → CLOSE_WAIT, FIN_WAIT1 → CLOSING,
-/// FIN_WAIT2 → CLOSE for a timewait socket).
-const PEER_PROVES_MOVED: [(TcpState, TcpState, TcpState); 3] = {
+
+/// A traced socket state that only a segment from the peer ends, the peer's
+/// transition that proves this socket acknowledged that segment, and what
+/// the segment was. A socket acknowledges a SYN-ACK or a FIN only on taking
+/// it, which moves it out of that state (the ACK may leave before the move
+/// is traced: FIN_WAIT2 sends it, then hands over to a timewait socket).
+///
+/// A SYN_SENT socket is judged only when it had its port before connect()
+/// (bound first): otherwise its CLOSE → SYN_SENT joins a record only with a
+/// later change.
+const PEER_PROVES_MOVED: [(TcpState, TcpState, TcpState, &str); 4] = {
     use TcpState::*;
     [
-        (Established, FinWait1, FinWait2),
-        (FinWait1, LastAck, Close),
-        (FinWait2, LastAck, Close),
+        (SynSent, SynRecv, Established, "SYN-ACK"),
+        (Established, FinWait1, FinWait2, "FIN"),
+        (FinWait1, LastAck, Close, "FIN"),
+        (FinWait2, LastAck, Close, "FIN"),
     ]
 };
 
-/// Linux's TCP_RTO_MIN: no retransmission timer fires sooner.
+/// Linux's TCP_RTO_MIN: by default no retransmission timer fires sooner.
 const MIN_RTO_NS: u64 = 200_000_000;
 
 /// Holes in what the kernel told of a socket (`state_gap`): state changes
 /// lost to a full ring, or skipped by the kernel (which counts only part of
 /// its skips). A socket's traced changes chain, each leaving the state the
 /// last one entered; and a peer's transition can prove this socket moved on
-/// from where it was last seen. Only sockets whose changes this record has
-/// in full are judged: a record that begins mid-life has no chain to break.
-fn state_gaps(socks: &[Sock], anomalies: &mut Vec<Anomaly>) {
+/// from where it was last traced. `peer_reset[side]`: the wire showed that
+/// side send an RST, which also ends the other side's LAST_ACK.
+fn state_gaps(socks: &[Sock], peer_reset: [bool; 2], anomalies: &mut Vec<Anomaly>) {
     for sock in socks {
         let side = sock.side.name();
         for pair in sock.changes.windows(2) {
             let (prev, sc) = (pair[0], pair[1]);
-            // After → CLOSE the address is the next socket's; a child's
-            // first change leaves LISTEN and a connect()'s leaves CLOSE.
+            // After → CLOSE the address is the next socket's. A child's first
+            // change leaves LISTEN and a connect()'s leaves CLOSE: also the
+            // next socket's, on purpose, though a freed address always
+            // follows a → CLOSE (a lost one is not reported there).
             let next_socket = prev.newstate == TcpState::Close
                 || sc.oldstate == TcpState::Listen
                 || (sc.oldstate, sc.newstate) == (TcpState::Close, TcpState::SynSent);
@@ -1745,46 +1756,53 @@ fn state_gaps(socks: &[Sock], anomalies: &mut Vec<Anomaly>) {
             let mut a = Anomaly::new(
                 AnomalyKind::StateGap,
                 format!(
-                    "{side} socket {:#x} went {} → {}, then {} → {}: how it left {} was not traced (lost, or skipped by the kernel)",
+                    "{side} socket {:#x} went {} → {}, then {} → {}: how it left {} did not reach tcptrace (lost, or skipped by the kernel)",
                     sc.skaddr, prev.oldstate, prev.newstate, sc.oldstate, sc.newstate, prev.newstate
                 ),
             );
             a.side = Some(sock.side);
-            a.state = Some(format!("{} → {}", prev.newstate, sc.oldstate));
+            a.state = Some(format!("{} … {}", prev.newstate, sc.oldstate));
             a.ts_ns = Some(sc.ts_ns);
             anomalies.push(a);
         }
         let Some(last) = sock.changes.last() else {
             continue;
         };
+        let peer = sock.side.peer();
         let proof = socks
             .iter()
-            .filter(|p| p.side != sock.side)
+            .filter(|p| p.side == peer)
             .flat_map(|p| {
                 p.changes.iter().enumerate().map(|(i, &c)| {
-                    let in_state = (i > 0).then(|| c.ts_ns.saturating_sub(p.changes[i - 1].ts_ns));
+                    // The kernel's own measure when there is one: it holds
+                    // even when the change into LAST_ACK was lost.
+                    let in_state = if c.prev_state_ns > 0 {
+                        Some(c.prev_state_ns)
+                    } else {
+                        (i > 0).then(|| c.ts_ns.saturating_sub(p.changes[i - 1].ts_ns))
+                    };
                     (c, in_state)
                 })
             })
             .filter(|&(c, _)| c.ts_ns > last.ts_ns)
             .find_map(|(c, in_state)| {
-                // LAST_ACK also ends by giving up on retransmitting the FIN;
-                // not within the minimum RTO, though.
-                let in_time =
-                    c.oldstate != TcpState::LastAck || in_state.is_some_and(|ns| ns < MIN_RTO_NS);
-                let proves = PEER_PROVES_MOVED.contains(&(last.newstate, c.oldstate, c.newstate));
-                (proves && in_time).then_some(c)
+                // LAST_ACK also ends by giving up on retransmitting the FIN
+                // (not within the minimum RTO), and on an RST.
+                let acked = c.oldstate != TcpState::LastAck
+                    || (in_state.is_some_and(|ns| ns < MIN_RTO_NS)
+                        && !peer_reset[idx(peer)]
+                        && !peer_reset[idx(sock.side)]);
+                PEER_PROVES_MOVED
+                    .iter()
+                    .find(|r| (r.0, r.1, r.2) == (last.newstate, c.oldstate, c.newstate))
+                    .filter(|_| acked)
+                    .map(|r| (c, r.3))
             });
-        if let Some(c) = proof {
-            let peer = if sock.side == Side::Client {
-                Side::Server
-            } else {
-                Side::Client
-            };
+        if let Some((c, what)) = proof {
             let mut a = Anomaly::new(
                 AnomalyKind::StateGap,
                 format!(
-                    "{side} socket {:#x} was last traced entering {}, but the {peer}'s {} → {} means the {side} acknowledged the {peer}'s FIN, which it does only after leaving {}: its later state changes were not traced (lost, or skipped by the kernel)",
+                    "{side} socket {:#x} was last traced entering {}, but the {peer}'s {} → {} means the {side} acknowledged the {peer}'s {what}, and taking it moved the {side} out of {}: its later state changes did not reach tcptrace (lost, or skipped by the kernel)",
                     last.skaddr,
                     last.newstate,
                     c.oldstate,
@@ -1794,7 +1812,7 @@ fn state_gaps(socks: &[Sock], anomalies: &mut Vec<Anomaly>) {
                 ),
             );
             a.side = Some(sock.side);
-            a.state = Some(format!("{} → ?", last.newstate));
+            a.state = Some(format!("{} … ?", last.newstate));
             a.ts_ns = Some(c.ts_ns);
             anomalies.push(a);
         }

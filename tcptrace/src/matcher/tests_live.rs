@@ -627,13 +627,13 @@ fn state_changes_that_never_arrived_are_state_gaps() {
             "the server took the client's FIN untraced",
             &[(false, Established, CloseWait)],
             None,
-            &[(Side::Server, "ESTABLISHED → CLOSE_WAIT", 1100)],
+            &[(Side::Server, "ESTABLISHED … CLOSE_WAIT", 1100)],
         ),
         (
             "the ACK of the client's FIN moved it untraced",
             &[(true, FinWait1, FinWait2)],
             None,
-            &[(Side::Client, "FIN_WAIT1 → FIN_WAIT2", 1122)],
+            &[(Side::Client, "FIN_WAIT1 … FIN_WAIT2", 1122)],
         ),
         (
             // The bench's 100,000-connection close burst: both changes of
@@ -641,13 +641,13 @@ fn state_changes_that_never_arrived_are_state_gaps() {
             "the client's last two changes skipped",
             &[(true, FinWait1, FinWait2), (true, FinWait2, Close)],
             None,
-            &[(Side::Client, "FIN_WAIT1 → ?", 1144)],
+            &[(Side::Client, "FIN_WAIT1 … ?", 1144)],
         ),
         (
             "the client's last change skipped",
             &[(true, FinWait2, Close)],
             None,
-            &[(Side::Client, "FIN_WAIT2 → ?", 1144)],
+            &[(Side::Client, "FIN_WAIT2 … ?", 1144)],
         ),
         (
             "the server never traced past ESTABLISHED",
@@ -657,7 +657,7 @@ fn state_changes_that_never_arrived_are_state_gaps() {
                 (false, LastAck, Close),
             ],
             None,
-            &[(Side::Server, "ESTABLISHED → ?", 1051)],
+            &[(Side::Server, "ESTABLISHED … ?", 1051)],
         ),
         (
             // LAST_ACK also ends when the server gives up retransmitting
@@ -708,6 +708,35 @@ fn state_changes_that_never_arrived_are_state_gaps() {
             );
         }
     }
+
+    // A client bound before connect() has its port from CLOSE → SYN_SENT
+    // on; its later changes lost, the server's SYN_RECV → ESTABLISHED
+    // proves it took the SYN-ACK.
+    let bound: Vec<Event> = full_conversation()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::State(sc) if sc.skaddr == SK_C && sc.oldstate != Close => None,
+            Event::State(mut sc) if sc.skaddr == SK_C => {
+                sc.sport = CPORT;
+                Some(Event::State(sc))
+            }
+            Event::Segment(_) => None,
+            e => Some(e),
+        })
+        .collect();
+    let c = &run(&bound).0[0];
+    let gap = c
+        .anomaly(AnomalyKind::StateGap)
+        .unwrap_or_else(|| panic!("{}", timeline::to_string(c)));
+    assert_eq!(
+        (gap.side, gap.state.as_deref(), gap.ts_ns),
+        (Some(Side::Client), Some("SYN_SENT … ?"), Some(us(97)))
+    );
+    assert!(
+        gap.detail.contains("acknowledged the server's SYN-ACK"),
+        "{}",
+        gap.detail
+    );
 }
 
 /// A connection only the kernel saw is let go `kernel_linger_ns` after its
