@@ -394,6 +394,20 @@ struct Record {
     deadline: Option<u64>,
     dropped: [Dropped; 2],
     events_dropped: u64,
+    /// Sockets of this 4-tuple still open when an earlier record of it was
+    /// evicted or timed out, as last traced there.
+    earlier: Vec<LeftOpen>,
+}
+
+/// A socket still open when its record ended early (evicted, idle): where
+/// its chain of state changes stood, for the next record of its 4-tuple to
+/// find holes across the split (`state_gap`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LeftOpen {
+    pub skaddr: u64,
+    pub local: SocketAddr,
+    pub state: TcpState,
+    pub ts: u64,
 }
 
 impl Record {
@@ -457,6 +471,10 @@ pub struct Matcher {
     /// ten events) were three or four allocations per connection.
     #[allow(clippy::vec_box)] // the boxes are what is reused
     spare: Vec<Box<Record>>,
+    /// By 4-tuple, the sockets records that ended early left open, until
+    /// the 4-tuple's next record takes them. Bounded by `max_connections`:
+    /// past it, forgotten all at once (they only help find holes).
+    left_open: HashMap<Key, Vec<LeftOpen>>,
     clock: u64,
     stats: MatcherStats,
 }
@@ -490,6 +508,7 @@ impl Matcher {
             next_id: 0,
             conns: IdMap::default(),
             by_key: HashMap::new(),
+            left_open: HashMap::new(),
             by_sk: IdMap::default(),
             by_last: BinaryHeap::new(),
             lingering: VecDeque::new(),
@@ -736,6 +755,8 @@ impl Matcher {
     }
 
     fn create(&mut self, key: Key, ts: u64, out: &mut Vec<Connection>) -> u64 {
+        // Before making room: the records evicted for it leave theirs.
+        let earlier = self.left_open.remove(&key);
         while self.conns.len() >= self.cfg.max_connections.max(1) {
             let Some((_, victim)) = self.least_recent() else {
                 break;
@@ -755,6 +776,9 @@ impl Matcher {
         let id = self.new_record(key, ts);
         self.by_key.insert(key, id);
         self.note_new_record(id, ts);
+        if let (Some(left), Some(r)) = (earlier, self.conns.get_mut(&id)) {
+            r.earlier = left;
+        }
         id
     }
 
@@ -773,6 +797,7 @@ impl Matcher {
             deadline: None,
             dropped: [Dropped::default(); 2],
             events_dropped: 0,
+            earlier: Vec::new(),
         };
         let boxed = match self.spare.pop() {
             Some(mut r) => {
@@ -938,14 +963,48 @@ impl Matcher {
                 dropped: r.dropped,
                 events_dropped: r.events_dropped,
                 end_reason: reason,
+                earlier: &r.earlier,
             },
             &self.cfg,
         );
+        if matches!(reason, EndReason::Evicted | EndReason::IdleTimeout) {
+            self.leave_open(&r);
+        }
         if self.spare.len() < SPARE_RECORDS && r.events.capacity() <= SPARE_EVENTS {
             r.events.clear();
             self.spare.push(r);
         }
         Some(c)
+    }
+}
+
+impl Matcher {
+    /// Remembers the sockets record `r` (ending early) leaves open: the last
+    /// change of each, its events being sorted by time.
+    fn leave_open(&mut self, r: &Record) {
+        let mut left: Vec<LeftOpen> = Vec::new();
+        for sc in r.events.iter().rev().filter_map(|e| match e {
+            Event::State(sc) => Some(sc),
+            Event::Segment(_) => None,
+        }) {
+            if left.iter().any(|l| l.skaddr == sc.skaddr) {
+                continue;
+            }
+            left.push(LeftOpen {
+                skaddr: sc.skaddr,
+                local: SocketAddr::new(sc.saddr, sc.sport),
+                state: sc.newstate,
+                ts: sc.ts_ns,
+            });
+        }
+        left.retain(|l| l.state != TcpState::Close);
+        if left.is_empty() {
+            return;
+        }
+        if self.left_open.len() >= self.cfg.max_connections.max(1) {
+            self.left_open.clear();
+        }
+        self.left_open.insert(r.key, left);
     }
 }
 

@@ -17,7 +17,7 @@ use crate::event::{Dir, Event, Family, Segment, StateChange, TcpState};
 use crate::text::text;
 
 use super::model::*;
-use super::{seq_ge, Dropped, Key, MatcherConfig};
+use super::{seq_ge, Dropped, Key, LeftOpen, MatcherConfig};
 
 pub(super) struct Input<'a> {
     pub key: Key,
@@ -26,6 +26,8 @@ pub(super) struct Input<'a> {
     pub dropped: [Dropped; 2],
     pub events_dropped: u64,
     pub end_reason: EndReason,
+    /// Sockets an earlier record of this 4-tuple left open.
+    pub earlier: &'a [LeftOpen],
 }
 
 /// Linux's TCP_TIMEWAIT_LEN.
@@ -129,6 +131,7 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
         dropped,
         events_dropped,
         end_reason,
+        earlier,
     } = input;
     events.sort_by_key(Event::ts_ns);
     let window = cfg.match_window_ns;
@@ -1073,7 +1076,18 @@ pub(super) fn analyze(input: Input<'_>, cfg: &MatcherConfig) -> Connection {
         for w in wires.iter().filter(|w| w.seg.flags.rst()) {
             peer_reset[idx(w.from)] = true;
         }
-        state_gaps(&socks, peer_reset, &mut anomalies);
+        let earlier: Vec<Earlier> = earlier
+            .iter()
+            .map(|l| Earlier {
+                left: *l,
+                side: if l.local == client {
+                    Side::Client
+                } else {
+                    Side::Server
+                },
+            })
+            .collect();
+        state_gaps(&socks, &earlier, peer_reset, &mut anomalies);
     }
 
     // 4. TIME_WAIT.
@@ -1732,43 +1746,80 @@ const PEER_PROVES_MOVED: [(TcpState, TcpState, TcpState, &str); 4] = {
 /// Linux's TCP_RTO_MIN: by default no retransmission timer fires sooner.
 const MIN_RTO_NS: u64 = 200_000_000;
 
+/// A socket an earlier record of this 4-tuple left open, and its side here.
+struct Earlier {
+    left: LeftOpen,
+    side: Side,
+}
+
 /// Holes in what the kernel told of a socket (`state_gap`): state changes
 /// lost to a full ring, or skipped by the kernel (which counts only part of
 /// its skips). A socket's traced changes chain, each leaving the state the
-/// last one entered; and a peer's transition can prove this socket moved on
-/// from where it was last traced. `peer_reset[side]`: the wire showed that
-/// side send an RST, which also ends the other side's LAST_ACK.
-fn state_gaps(socks: &[Sock], peer_reset: [bool; 2], anomalies: &mut Vec<Anomaly>) {
-    for sock in socks {
-        let side = sock.side.name();
-        for pair in sock.changes.windows(2) {
-            let (prev, sc) = (pair[0], pair[1]);
-            // After → CLOSE the address is the next socket's. A child's first
-            // change leaves LISTEN and a connect()'s leaves CLOSE: also the
-            // next socket's, on purpose, though a freed address always
-            // follows a → CLOSE (a lost one is not reported there).
-            let next_socket = prev.newstate == TcpState::Close
-                || sc.oldstate == TcpState::Listen
-                || (sc.oldstate, sc.newstate) == (TcpState::Close, TcpState::SynSent);
-            if next_socket || sc.oldstate == prev.newstate {
-                continue;
-            }
-            let mut a = Anomaly::new(
-                AnomalyKind::StateGap,
-                format!(
-                    "{side} socket {:#x} went {} → {}, then {} → {}: how it left {} did not reach tcptrace (lost, or skipped by the kernel)",
-                    sc.skaddr, prev.oldstate, prev.newstate, sc.oldstate, sc.newstate, prev.newstate
-                ),
-            );
-            a.side = Some(sock.side);
-            a.state = Some(format!("{} … {}", prev.newstate, sc.oldstate));
-            a.ts_ns = Some(sc.ts_ns);
-            anomalies.push(a);
+/// last one entered (across records too: `earlier` has where the sockets an
+/// earlier record left open stood); and a peer's transition can prove a
+/// socket moved on from where it was last traced. `peer_reset[side]`: the
+/// wire showed that side send an RST, which also ends the other's LAST_ACK.
+fn state_gaps(
+    socks: &[Sock],
+    earlier: &[Earlier],
+    peer_reset: [bool; 2],
+    anomalies: &mut Vec<Anomaly>,
+) {
+    // (skaddr, side, where it stood before this record's changes, changes)
+    let mut all: Vec<(u64, Side, Option<&LeftOpen>, &[&StateChange])> = socks
+        .iter()
+        .map(|s| {
+            let before = earlier.iter().find(|e| e.left.skaddr == s.skaddr);
+            (s.skaddr, s.side, before.map(|e| &e.left), &s.changes[..])
+        })
+        .collect();
+    for e in earlier {
+        if !socks.iter().any(|s| s.skaddr == e.left.skaddr) {
+            all.push((e.left.skaddr, e.side, Some(&e.left), &[]));
         }
-        let Some(last) = sock.changes.last() else {
+    }
+    for &(skaddr, side, before, changes) in &all {
+        let name = side.name();
+        // (old, new) of the change before, where it came from, then each.
+        let mut prev: Option<(TcpState, TcpState, bool)> = before.map(|b| (b.state, b.state, true));
+        for sc in changes {
+            if let Some((old, new, in_earlier)) = prev {
+                // After → CLOSE the address is the next socket's. A child's
+                // first change leaves LISTEN and a connect()'s leaves CLOSE:
+                // also the next socket's, on purpose, though a freed address
+                // always follows a → CLOSE (a lost one is not reported there).
+                let next_socket = new == TcpState::Close
+                    || sc.oldstate == TcpState::Listen
+                    || (sc.oldstate, sc.newstate) == (TcpState::Close, TcpState::SynSent);
+                if !next_socket && sc.oldstate != new {
+                    let before = if in_earlier {
+                        format!("was last traced entering {new} (in an earlier record of this connection)")
+                    } else {
+                        format!("went {old} → {new}")
+                    };
+                    let mut a = Anomaly::new(
+                        AnomalyKind::StateGap,
+                        format!(
+                            "{name} socket {skaddr:#x} {before}, then {} → {}: how it left {new} did not reach tcptrace (lost, or skipped by the kernel)",
+                            sc.oldstate, sc.newstate
+                        ),
+                    );
+                    a.side = Some(side);
+                    a.state = Some(format!("{new} … {}", sc.oldstate));
+                    a.ts_ns = Some(sc.ts_ns);
+                    anomalies.push(a);
+                }
+            }
+            prev = Some((sc.oldstate, sc.newstate, false));
+        }
+        let Some((last_state, last_ts, in_earlier)) = changes
+            .last()
+            .map(|c| (c.newstate, c.ts_ns, false))
+            .or(before.map(|b| (b.state, b.ts, true)))
+        else {
             continue;
         };
-        let peer = sock.side.peer();
+        let peer = side.peer();
         let proof = socks
             .iter()
             .filter(|p| p.side == peer)
@@ -1784,35 +1835,37 @@ fn state_gaps(socks: &[Sock], peer_reset: [bool; 2], anomalies: &mut Vec<Anomaly
                     (c, in_state)
                 })
             })
-            .filter(|&(c, _)| c.ts_ns > last.ts_ns)
+            .filter(|&(c, _)| c.ts_ns > last_ts)
             .find_map(|(c, in_state)| {
                 // LAST_ACK also ends by giving up on retransmitting the FIN
                 // (not within the minimum RTO), and on an RST.
                 let acked = c.oldstate != TcpState::LastAck
                     || (in_state.is_some_and(|ns| ns < MIN_RTO_NS)
                         && !peer_reset[idx(peer)]
-                        && !peer_reset[idx(sock.side)]);
+                        && !peer_reset[idx(side)]);
                 PEER_PROVES_MOVED
                     .iter()
-                    .find(|r| (r.0, r.1, r.2) == (last.newstate, c.oldstate, c.newstate))
+                    .find(|r| (r.0, r.1, r.2) == (last_state, c.oldstate, c.newstate))
                     .filter(|_| acked)
                     .map(|r| (c, r.3))
             });
         if let Some((c, what)) = proof {
+            let seen = if in_earlier {
+                " (in an earlier record of this connection)"
+            } else {
+                ""
+            };
             let mut a = Anomaly::new(
                 AnomalyKind::StateGap,
                 format!(
-                    "{side} socket {:#x} was last traced entering {}, but the {peer}'s {} → {} means the {side} acknowledged the {peer}'s {what}, and taking it moved the {side} out of {}: its later state changes did not reach tcptrace (lost, or skipped by the kernel)",
-                    last.skaddr,
-                    last.newstate,
+                    "{name} socket {skaddr:#x} was last traced entering {last_state}{seen}, but the {peer}'s {} → {} means the {name} acknowledged the {peer}'s {what}, and taking it moved the {name} out of {last_state}: its later state changes did not reach tcptrace (lost, or skipped by the kernel)",
                     c.oldstate,
                     c.newstate,
-                    last.newstate,
                     peer = peer.name(),
                 ),
             );
-            a.side = Some(sock.side);
-            a.state = Some(format!("{} … ?", last.newstate));
+            a.side = Some(side);
+            a.state = Some(format!("{last_state} … ?"));
             a.ts_ns = Some(c.ts_ns);
             anomalies.push(a);
         }

@@ -739,6 +739,88 @@ fn state_changes_that_never_arrived_are_state_gaps() {
     );
 }
 
+/// A record evicted in the middle of its connection's close leaves its
+/// sockets' states behind for the 4-tuple's next record: a hole across the
+/// split is still a `state_gap`, and a socket the next record never sees
+/// is judged by where it stood.
+#[test]
+fn state_gaps_across_an_eviction() {
+    use TcpState::*;
+    let kernel = |e: &Event| matches!(e, Event::State(_));
+    let all: Vec<Event> = full_conversation().into_iter().filter(kernel).collect();
+    // Another connection takes the only place in the table between the two
+    // closes: the first record is evicted with the client in FIN_WAIT1 and
+    // the server in CLOSE_WAIT.
+    let other = |t_us: u64| {
+        let mut e = state(t_us, true, Established, FinWait1, 0);
+        if let Event::State(sc) = &mut e {
+            sc.sport = CPORT + 1;
+            sc.skaddr = 0xffff_8880_0000_9000;
+        }
+        e
+    };
+    // (what, the changes that never arrived, the gaps the second record has)
+    type Missing = &'static [(bool, TcpState, TcpState)];
+    type Gaps = &'static [(Side, &'static str)];
+    let table: [(&str, Missing, Gaps); 3] = [
+        ("nothing missing", &[], &[]),
+        (
+            "the client's changes after FIN_WAIT1 skipped",
+            &[(true, FinWait1, FinWait2), (true, FinWait2, Close)],
+            &[(Side::Client, "FIN_WAIT1 … ?")],
+        ),
+        (
+            "the server's CLOSE_WAIT → LAST_ACK lost",
+            &[(false, CloseWait, LastAck)],
+            &[(Side::Server, "CLOSE_WAIT … LAST_ACK")],
+        ),
+    ];
+    for (what, missing, want) in table {
+        let mut m = Matcher::new(MatcherConfig {
+            max_connections: 1,
+            ..MatcherConfig::default()
+        });
+        let mut out = Vec::new();
+        let mut evicted = false;
+        for e in &all {
+            if let Event::State(sc) = e {
+                if missing.contains(&(sc.skaddr == SK_C, sc.oldstate, sc.newstate)) {
+                    continue;
+                }
+            }
+            if e.ts_ns() >= us(1051) && !evicted {
+                out.extend(m.push(other(1040)));
+                evicted = true;
+            }
+            out.extend(m.push(e.clone()));
+        }
+        out.extend(m.finish());
+        let mine: Vec<&Connection> = out.iter().filter(|c| c.client.port() == CPORT).collect();
+        assert_eq!(mine.len(), 2, "{what}: split in two by the eviction");
+        assert_eq!(mine[0].end_reason, EndReason::Evicted, "{what}");
+        assert!(!mine[0].has_anomaly(AnomalyKind::StateGap), "{what}");
+        let got: Vec<(Side, &str)> = mine[1]
+            .anomalies
+            .iter()
+            .filter(|a| a.kind == AnomalyKind::StateGap)
+            .map(|a| (a.side.expect("side"), a.state.as_deref().unwrap_or("")))
+            .collect();
+        assert_eq!(
+            got,
+            want.to_vec(),
+            "{what}:\n{}",
+            timeline::to_string(mine[1])
+        );
+        for a in mine[1]
+            .anomalies
+            .iter()
+            .filter(|a| a.kind == AnomalyKind::StateGap)
+        {
+            assert!(a.detail.contains("in an earlier record"), "{}", a.detail);
+        }
+    }
+}
+
 /// A connection only the kernel saw is let go `kernel_linger_ns` after its
 /// last socket's CLOSE; one with segments waits the full `linger_ns` for a
 /// last ACK from another vantage point.
