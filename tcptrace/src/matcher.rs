@@ -976,11 +976,10 @@ impl Matcher {
         }
         Some(c)
     }
-}
 
-impl Matcher {
     /// Remembers the sockets record `r` (ending early) leaves open: the last
-    /// change of each, its events being sorted by time.
+    /// change of each (its events are sorted by time), and those an earlier
+    /// record left that this one never saw.
     fn leave_open(&mut self, r: &Record) {
         let mut left: Vec<LeftOpen> = Vec::new();
         for sc in r.events.iter().rev().filter_map(|e| match e {
@@ -996,6 +995,11 @@ impl Matcher {
                 state: sc.newstate,
                 ts: sc.ts_ns,
             });
+        }
+        for e in &r.earlier {
+            if !left.iter().any(|l| l.skaddr == e.skaddr) {
+                left.push(*e);
+            }
         }
         left.retain(|l| l.state != TcpState::Close);
         if left.is_empty() {

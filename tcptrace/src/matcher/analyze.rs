@@ -1820,17 +1820,21 @@ fn state_gaps(
             continue;
         };
         let peer = side.peer();
-        let proof = socks
+        let proof = all
             .iter()
-            .filter(|p| p.side == peer)
-            .flat_map(|p| {
-                p.changes.iter().enumerate().map(|(i, &c)| {
+            .filter(|p| p.1 == peer)
+            .flat_map(|&(_, _, before, changes)| {
+                changes.iter().enumerate().map(move |(i, &c)| {
                     // The kernel's own measure when there is one: it holds
                     // even when the change into LAST_ACK was lost.
+                    let since = match i {
+                        0 => before.map(|b| b.ts),
+                        _ => Some(changes[i - 1].ts_ns),
+                    };
                     let in_state = if c.prev_state_ns > 0 {
                         Some(c.prev_state_ns)
                     } else {
-                        (i > 0).then(|| c.ts_ns.saturating_sub(p.changes[i - 1].ts_ns))
+                        since.map(|t| c.ts_ns.saturating_sub(t))
                     };
                     (c, in_state)
                 })

@@ -759,59 +759,67 @@ fn state_gaps_across_an_eviction() {
         }
         e
     };
-    // (what, the changes that never arrived, the gaps the second record has)
+    // (what, the changes that never arrived, µs at which another connection
+    // evicts this one's record, the gaps its last record has)
     type Missing = &'static [(bool, TcpState, TcpState)];
     type Gaps = &'static [(Side, &'static str)];
-    let table: [(&str, Missing, Gaps); 3] = [
-        ("nothing missing", &[], &[]),
+    let skipped: Missing = &[(true, FinWait1, FinWait2), (true, FinWait2, Close)];
+    let table: [(&str, Missing, &[u64], Gaps); 4] = [
+        ("nothing missing", &[], &[1040], &[]),
         (
             "the client's changes after FIN_WAIT1 skipped",
-            &[(true, FinWait1, FinWait2), (true, FinWait2, Close)],
+            skipped,
+            &[1040],
             &[(Side::Client, "FIN_WAIT1 … ?")],
         ),
         (
             "the server's CLOSE_WAIT → LAST_ACK lost",
             &[(false, CloseWait, LastAck)],
+            &[1040],
             &[(Side::Server, "CLOSE_WAIT … LAST_ACK")],
         ),
+        (
+            "the client's changes skipped, two evictions",
+            skipped,
+            &[1040, 1120],
+            &[(Side::Client, "FIN_WAIT1 … ?")],
+        ),
     ];
-    for (what, missing, want) in table {
+    for (what, missing, splits, want) in table {
         let mut m = Matcher::new(MatcherConfig {
             max_connections: 1,
             ..MatcherConfig::default()
         });
         let mut out = Vec::new();
-        let mut evicted = false;
+        let records = splits.len() + 1;
+        let mut splits = splits.iter().peekable();
         for e in &all {
             if let Event::State(sc) = e {
                 if missing.contains(&(sc.skaddr == SK_C, sc.oldstate, sc.newstate)) {
                     continue;
                 }
             }
-            if e.ts_ns() >= us(1051) && !evicted {
-                out.extend(m.push(other(1040)));
-                evicted = true;
+            if let Some(&t) = splits.next_if(|&&t| us(t) < e.ts_ns()) {
+                out.extend(m.push(other(t)));
             }
             out.extend(m.push(e.clone()));
         }
         out.extend(m.finish());
         let mine: Vec<&Connection> = out.iter().filter(|c| c.client.port() == CPORT).collect();
-        assert_eq!(mine.len(), 2, "{what}: split in two by the eviction");
-        assert_eq!(mine[0].end_reason, EndReason::Evicted, "{what}");
-        assert!(!mine[0].has_anomaly(AnomalyKind::StateGap), "{what}");
-        let got: Vec<(Side, &str)> = mine[1]
+        let last = mine.last().expect("a record");
+        assert_eq!(mine.len(), records, "{what}: split by the evictions");
+        for early in &mine[..mine.len() - 1] {
+            assert_eq!(early.end_reason, EndReason::Evicted, "{what}");
+            assert!(!early.has_anomaly(AnomalyKind::StateGap), "{what}");
+        }
+        let got: Vec<(Side, &str)> = last
             .anomalies
             .iter()
             .filter(|a| a.kind == AnomalyKind::StateGap)
             .map(|a| (a.side.expect("side"), a.state.as_deref().unwrap_or("")))
             .collect();
-        assert_eq!(
-            got,
-            want.to_vec(),
-            "{what}:\n{}",
-            timeline::to_string(mine[1])
-        );
-        for a in mine[1]
+        assert_eq!(got, want.to_vec(), "{what}:\n{}", timeline::to_string(last));
+        for a in last
             .anomalies
             .iter()
             .filter(|a| a.kind == AnomalyKind::StateGap)
