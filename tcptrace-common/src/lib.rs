@@ -5,6 +5,10 @@
 //! are `#[repr(C)]` with explicit padding so both sides agree byte for byte.
 #![no_std]
 
+/// Slots of the kernel side's `SOCKOPS` per-CPU counters.
+pub const SOCKOPS_EMITTED: u32 = 0;
+pub const SOCKOPS_HANDED_OFF: u32 = 1;
+
 pub const EVENT_STATE: u8 = 1;
 pub const EVENT_SEGMENT: u8 = 2;
 
@@ -116,6 +120,15 @@ pub struct Filter {
     /// `tcp_sock`). 0 disables reading them.
     pub off_bytes_acked: u32,
     pub off_bytes_received: u32,
+    /// For the sock_ops program, which gets a socket rather than the
+    /// tracepoint's record: `inet_sock.inet_saddr` and `inet_sport` (read
+    /// together, so the CLI checks they lie within 8 bytes), and
+    /// `tcp_sock.bpf_sock_ops_cb_flags`, which the tracepoint program reads
+    /// to leave a change to sock_ops. 0 disables sock_ops.
+    pub off_inet_saddr: u32,
+    pub off_inet_sport: u32,
+    pub off_sock_ops_cb_flags: u32,
+    pub _pad_off: u32,
 }
 
 impl Filter {
@@ -138,6 +151,10 @@ impl Filter {
             off_socket_sk: 0,
             off_bytes_acked: 0,
             off_bytes_received: 0,
+            off_inet_saddr: 0,
+            off_inet_sport: 0,
+            off_sock_ops_cb_flags: 0,
+            _pad_off: 0,
         }
     }
 }

@@ -12,15 +12,16 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
-    macros::{classifier, map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{TcContext, TracePointContext},
-    EbpfContext as _,
+    macros::{classifier, map, sock_ops, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{SockOpsContext, TcContext, TracePointContext},
+    EbpfContext,
 };
 use aya_log_ebpf::warn;
 use tcptrace_common::{
     FlowKey, ListenKey, SegmentEvent, SockInfo, StateEvent, AF_INET, AF_INET6, DIR_EGRESS,
-    DIR_INGRESS, EVENT_SEGMENT, EVENT_STATE, MAX_PORTS, TASK_COMM_LEN, TCP_OPTIONS_MAX,
+    DIR_INGRESS, EVENT_SEGMENT, EVENT_STATE, MAX_PORTS, SOCKOPS_EMITTED, SOCKOPS_HANDED_OFF,
+    TASK_COMM_LEN, TCP_OPTIONS_MAX,
 };
 
 /// Set by the CLI before load; read-only for the verifier, so disabled
@@ -212,32 +213,228 @@ unsafe fn tp_addr6(ctx: &TracePointContext, off: usize) -> Addr {
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn tcptrace_state(ctx: TracePointContext) -> u32 {
-    let _ = try_state(&ctx);
+    // SAFETY: offsets checked against the tracepoint's format by the CLI.
+    unsafe {
+        if tp::<u16>(&ctx, TP_PROTOCOL) != IPPROTO_TCP as u16 {
+            return 0;
+        }
+        let family: u16 = tp(&ctx, TP_FAMILY);
+        let (saddr, daddr): (Addr, Addr) = if family == AF_INET {
+            ([tp(&ctx, TP_SADDR), 0, 0, 0], [tp(&ctx, TP_DADDR), 0, 0, 0])
+        } else if family == AF_INET6 {
+            (tp_addr6(&ctx, TP_SADDR_V6), tp_addr6(&ctx, TP_DADDR_V6))
+        } else {
+            return 0;
+        };
+        let c = Change {
+            skaddr: tp(&ctx, TP_SKADDR),
+            oldstate: tp(&ctx, TP_OLDSTATE),
+            newstate: tp(&ctx, TP_NEWSTATE),
+            family,
+            sport: tp(&ctx, TP_SPORT),
+            dport: tp(&ctx, TP_DPORT),
+            saddr,
+            daddr,
+        };
+        if !wanted(family, &c.saddr, &c.daddr, c.sport, c.dport) {
+            return 0;
+        }
+        if left_to_sock_ops(&c) {
+            count_sockops(SOCKOPS_HANDED_OFF);
+            return 0;
+        }
+        let _ = state_change(&ctx, c);
+    }
     0
 }
 
-fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
-    // SAFETY: offsets checked against the tracepoint's format by the CLI.
+/// The kernel skips a tracing program on a CPU where one is running already
+/// (a softirq's backlog of ACKs that interrupts it, under a burst of
+/// closes), and does not always count the skip. A sock_ops program is not
+/// a tracing program and is never skipped: for the sockets it asked to
+/// follow (`BPF_SOCK_OPS_STATE_CB_FLAG`), tcp_set_state() calls it just
+/// before the tracepoint, and it emits the change instead. LISTEN and a
+/// child's SYN_RECV are set without tcp_set_state(), so they stay here.
+#[inline(always)]
+fn left_to_sock_ops(c: &Change) -> bool {
+    let f = filter();
+    if f.off_sock_ops_cb_flags == 0
+        || c.newstate == TCP_LISTEN
+        || (c.oldstate == TCP_LISTEN && c.newstate == TCP_SYN_RECV)
+        || SOCKOPS_ON.get(0).copied().unwrap_or(0) == 0
+    {
+        return false;
+    }
+    // SAFETY: bpf_probe_read_kernel fails cleanly on a bad address.
+    let flags: u8 = unsafe {
+        bpf_probe_read_kernel((c.skaddr + f.off_sock_ops_cb_flags as u64) as *const u8).unwrap_or(0)
+    };
+    flags & BPF_SOCK_OPS_STATE_CB_FLAG != 0
+}
+
+/// Set by the CLI once `tcptrace_sockops` is attached; until then (and when
+/// it could not be attached) the tracepoint program does all the work.
+#[map]
+static SOCKOPS_ON: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Per-CPU counts of wanted changes (past the filter), slots
+/// `SOCKOPS_EMITTED` (changes tcptrace_sockops emitted) and
+/// `SOCKOPS_HANDED_OFF` (runs of tcptrace_state that left a change to it): their difference is the changes the kernel skipped the
+/// tracepoint program for and sock_ops delivered, which the CLI takes off
+/// the tracepoint's skips before it reports any as lost.
+#[map]
+static SOCKOPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+#[inline(always)]
+fn count_sockops(slot: u32) {
+    if let Some(n) = SOCKOPS.get_ptr_mut(slot) {
+        // SAFETY: a valid per-CPU slot. Not atomic (BPF has no fetch-add
+        // here): a sock_ops run in softirq that interrupts one in a task
+        // between the load and the store would cost one count.
+        unsafe { *n += 1 };
+    }
+}
+
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
+const BPF_SOCK_OPS_STATE_CB_FLAG: u8 = 4;
+
+/// On the cgroup v2 root: asks to follow each TCP socket's state changes
+/// from its first callback on (a listener's children inherit the request),
+/// then emits them as the tracepoint program would. The socket's 4-tuple is
+/// read where the tracepoint reads it, so both emit the same event.
+#[sock_ops]
+pub fn tcptrace_sockops(ctx: SockOpsContext) -> u32 {
+    if SOCKOPS_ON.get(0).copied().unwrap_or(0) == 0 {
+        return 1;
+    }
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB
+        | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        | BPF_SOCK_OPS_TCP_LISTEN_CB => {
+            let flags = ctx.cb_flags();
+            if flags & BPF_SOCK_OPS_STATE_CB_FLAG as u32 == 0 {
+                let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG as u32) as i32);
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB => {
+            let _ = sock_ops_state(&ctx);
+        }
+        _ => {}
+    }
+    1
+}
+
+/// A 32-bit field of the sock_ops context. The verifier rewrites each load
+/// from the context into the kernel's own layout, so it accepts only a load
+/// at a constant offset from the context pointer itself; a volatile load of
+/// each word keeps the compiler from stepping a pointer through an array.
+#[inline(always)]
+fn ops_u32(ctx: &SockOpsContext, off: usize) -> u32 {
+    // SAFETY: `off` is a field offset inside struct bpf_sock_ops.
+    unsafe { core::ptr::read_volatile((ctx.ops as *const u8).add(off) as *const u32) }
+}
+
+#[inline(always)]
+fn ops_addr6(ctx: &SockOpsContext, off: usize) -> Addr {
+    [
+        ops_u32(ctx, off),
+        ops_u32(ctx, off + 4),
+        ops_u32(ctx, off + 8),
+        ops_u32(ctx, off + 12),
+    ]
+}
+
+fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
+    use aya_ebpf::bindings::bpf_sock_ops as Ops;
+    use core::mem::offset_of;
+    let f = filter();
+    // SAFETY: `ops` is the program's context; `sk` in it is the socket.
+    let skp = unsafe {
+        core::ptr::read_volatile(
+            (ctx.ops as *const u8).add(offset_of!(Ops, __bindgen_anon_2)) as *const u64,
+        )
+    };
+    // The verifier types `sk` as a socket pointer, with which no arithmetic
+    // is allowed; read back from the stack, it is a plain number.
+    let slot = core::hint::black_box(skp);
+    // SAFETY: reads 8 bytes of this stack slot.
+    let sk: u64 = unsafe { bpf_probe_read_kernel(&slot as *const u64)? };
+    if sk == 0 {
+        return Ok(());
+    }
+    let family = ops_u32(ctx, offset_of!(Ops, family)) as u16;
+    let (saddr_v6, daddr_v6) = if family == AF_INET6 {
+        (
+            ops_addr6(ctx, offset_of!(Ops, local_ip6)),
+            ops_addr6(ctx, offset_of!(Ops, remote_ip6)),
+        )
+    } else {
+        ([0; 4], [0; 4])
+    };
+    let daddr4 = ops_u32(ctx, offset_of!(Ops, remote_ip4));
+    let dport = ops_u32(ctx, offset_of!(Ops, remote_port));
+    let args = offset_of!(Ops, __bindgen_anon_1);
+    let (oldstate, newstate) = (ops_u32(ctx, args) as i32, ops_u32(ctx, args + 4) as i32);
+    // SAFETY: the socket's inet_sock fields, through bpf_probe_read_kernel.
+    let inet: u64 = unsafe { bpf_probe_read_kernel((sk + f.off_inet_saddr as u64) as *const u64)? };
+    let (saddr, daddr): (Addr, Addr) = if family == AF_INET {
+        ([inet as u32, 0, 0, 0], [daddr4, 0, 0, 0])
+    } else if family == AF_INET6 {
+        (saddr_v6, daddr_v6)
+    } else {
+        return Ok(());
+    };
+    let c = Change {
+        skaddr: sk,
+        oldstate,
+        newstate,
+        family,
+        sport: u16::from_be((inet >> (8 * (f.off_inet_sport - f.off_inet_saddr))) as u16),
+        // The context shifts the big-endian port into the upper half.
+        dport: u16::from_be((dport >> 16) as u16),
+        saddr,
+        daddr,
+    };
+    if !wanted(family, &c.saddr, &c.daddr, c.sport, c.dport) {
+        return Ok(());
+    }
+    count_sockops(SOCKOPS_EMITTED);
+    state_change(ctx, c)
+}
+
+/// One TCP state change, as the tracepoint describes it (ports in host order).
+struct Change {
+    skaddr: u64,
+    oldstate: i32,
+    newstate: i32,
+    family: u16,
+    sport: u16,
+    dport: u16,
+    saddr: Addr,
+    daddr: Addr,
+}
+
+/// Emits a change the user wants (the caller applied the filter) and keeps
+/// the socket's owner and time in state.
+#[inline(always)]
+fn state_change<C: EbpfContext>(ctx: &C, c: Change) -> Result<(), i32> {
+    let Change {
+        skaddr,
+        oldstate,
+        newstate,
+        family,
+        sport,
+        dport,
+        saddr,
+        daddr,
+    } = c;
+    // SAFETY: map pointers and the reserved ring record, as commented below.
     unsafe {
-        if tp::<u16>(ctx, TP_PROTOCOL) != IPPROTO_TCP as u16 {
-            return Ok(());
-        }
-        let family: u16 = tp(ctx, TP_FAMILY);
-        let sport: u16 = tp(ctx, TP_SPORT);
-        let dport: u16 = tp(ctx, TP_DPORT);
-        let (saddr, daddr): (Addr, Addr) = if family == AF_INET {
-            ([tp(ctx, TP_SADDR), 0, 0, 0], [tp(ctx, TP_DADDR), 0, 0, 0])
-        } else if family == AF_INET6 {
-            (tp_addr6(ctx, TP_SADDR_V6), tp_addr6(ctx, TP_DADDR_V6))
-        } else {
-            return Ok(());
-        };
-        if !wanted(family, &saddr, &daddr, sport, dport) {
-            return Ok(());
-        }
-        let skaddr: u64 = tp(ctx, TP_SKADDR);
-        let oldstate: i32 = tp(ctx, TP_OLDSTATE);
-        let newstate: i32 = tp(ctx, TP_NEWSTATE);
         let now = bpf_ktime_get_ns();
 
         // These transitions run in the owning process (connect, listen,

@@ -30,6 +30,9 @@ use crate::netns::{self, Iface, Netns};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
 
 pub const PROG_STATE: &str = "tcptrace_state";
+/// The sock_ops program that backs the state tracepoint up (see the eBPF
+/// source, `left_to_sock_ops`).
+const PROG_SOCK_OPS: &str = "tcptrace_sockops";
 /// Syscall-exit tracepoints for accept() and accept4().
 const PROGS_ACCEPT: [(&str, &str); 2] = [
     ("tcptrace_accept", "sys_exit_accept"),
@@ -59,6 +62,8 @@ pub struct TraceConfig {
     /// Ring buffer size in bytes (a power of two, at least a page).
     pub ring_size: u32,
     pub wire: bool,
+    /// Back the state tracepoint up with a sock_ops program.
+    pub sock_ops: bool,
     /// Interfaces to watch; empty = every interface that is up.
     pub ifaces: Vec<String>,
     /// Other namespaces whose interfaces to watch (names or paths).
@@ -185,6 +190,35 @@ fn load_instance(cfg: &TraceConfig, filter: &Filter) -> Result<(Ebpf, Option<Log
     Ok((ebpf, logger))
 }
 
+/// Attaches the sock_ops program to the cgroup v2 root, where it sees every
+/// socket of the host (beside other programs there), then turns it on.
+fn attach_sock_ops(ebpf: &mut Ebpf) -> Result<()> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let root = mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| f[1].to_string())
+        .context("no cgroup v2 hierarchy is mounted")?;
+    let cgroup = std::fs::File::open(&root).with_context(|| format!("opening {root}"))?;
+    let prog: &mut aya::programs::SockOps = program(ebpf, PROG_SOCK_OPS)?.try_into()?;
+    prog.load()
+        .map_err(|e| explain_load_error(anyhow!(e).context(PROG_SOCK_OPS)))?;
+    // On 5.7 and later this is a BPF link, which always runs beside the
+    // cgroup's other programs (and goes away with tcptrace); the link API
+    // refuses the multi flag itself.
+    prog.attach(cgroup, aya::programs::CgroupAttachMode::Single)
+        .with_context(|| format!("attaching {PROG_SOCK_OPS} to {root}"))?;
+    let mut on: aya::maps::Array<_, u32> = ebpf
+        .map_mut("SOCKOPS_ON")
+        .context("map SOCKOPS_ON missing from the eBPF object")?
+        .try_into()?;
+    on.set(0, 1, 0).context("turning sock_ops on")?;
+    log::debug!("{PROG_SOCK_OPS} attached to {root}");
+    Ok(())
+}
+
 fn explain_load_error(e: anyhow::Error) -> anyhow::Error {
     let text = format!("{e:#}");
     // A verifier log runs to thousands of lines; its end says what went wrong.
@@ -243,6 +277,13 @@ impl Tracer {
             }
             Err(e) => log::warn!("bytes each way will come from sequence numbers only: {e:#}"),
         }
+        match btf::sock_ops_offsets(&btf) {
+            Ok((saddr, sport, cb_flags)) => {
+                (filter.off_inet_saddr, filter.off_inet_sport) = (saddr, sport);
+                filter.off_sock_ops_cb_flags = cb_flags;
+            }
+            Err(e) => log::warn!("no sock_ops backup for the state tracepoint: {e:#}"),
+        }
         filter.netns = tracer.home.inode;
         let (mut ebpf, logger) = load_instance(cfg, &filter)?;
         tracer.loggers.extend(logger);
@@ -261,6 +302,11 @@ impl Tracer {
             // keep their listener's owner; say so rather than fail.
             if let Err(e) = tp.attach("syscalls", tp_name) {
                 log::warn!("cannot attach to syscalls:{tp_name} ({e}); accepted sockets keep their listener's owner");
+            }
+        }
+        if cfg.sock_ops && filter.off_sock_ops_cb_flags != 0 {
+            if let Err(e) = attach_sock_ops(&mut ebpf) {
+                log::warn!("state changes the kernel skips under load can be lost: no sock_ops backup ({e:#})");
             }
         }
         let home_ns = Netns::current()?;
@@ -342,12 +388,50 @@ impl Tracer {
             .sum()
     }
 
-    /// State changes the kernel did not give to tcptrace_state at all: a
-    /// tracepoint's program is skipped while another BPF tracing program runs
-    /// on that CPU (an interrupt arriving during one, say). The kernel counts
-    /// these as the program's `recursion_misses` (6.6 and later; older kernels
-    /// skip without counting, and this stays 0).
+    /// State changes the kernel skipped tcptrace_state for that the sock_ops
+    /// program delivered: it emitted them, and the tracepoint program never
+    /// ran to leave them to it.
+    pub fn rescued(&self) -> u64 {
+        let (emitted, handed_off) = self.sock_ops_counts();
+        emitted.saturating_sub(handed_off)
+    }
+
+    /// State changes the sock_ops program emitted (0 when it is not attached).
+    pub fn via_sock_ops(&self) -> u64 {
+        self.sock_ops_counts().0
+    }
+
+    fn sock_ops_counts(&self) -> (u64, u64) {
+        self.instances
+            .iter()
+            .filter_map(|i| i.att.ebpf.map("SOCKOPS"))
+            .filter_map(|m| PerCpuArray::<_, u64>::try_from(m).ok())
+            .map(|a| {
+                let sum = |slot| a.get(&slot, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+                (
+                    sum(tcptrace_common::SOCKOPS_EMITTED),
+                    sum(tcptrace_common::SOCKOPS_HANDED_OFF),
+                )
+            })
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    }
+
+    /// State changes lost because the kernel did not give them to
+    /// tcptrace_state: a tracepoint's program is skipped while a BPF tracing
+    /// program runs on that CPU (an interrupt arriving during one, say). The
+    /// kernel counts these as the program's `recursion_misses` (6.6 and
+    /// later; older kernels skip without counting), less those the sock_ops
+    /// backup delivered.
     pub fn missed(&self) -> u64 {
+        // A change left to sock_ops that it did not emit (a socket whose
+        // state callbacks another tool turned on, in a cgroup where the
+        // kernel does not run tcptrace's sock_ops program) is lost too.
+        let (emitted, handed_off) = self.sock_ops_counts();
+        self.skipped().saturating_sub(self.rescued()) + handed_off.saturating_sub(emitted)
+    }
+
+    /// The state program's `recursion_misses`, rescued or not.
+    fn skipped(&self) -> u64 {
         self.instances
             .iter()
             .filter_map(|i| i.att.ebpf.program("tcptrace_state"))

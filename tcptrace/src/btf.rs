@@ -225,6 +225,22 @@ pub fn byte_counter_offsets(btf: &Btf) -> Result<(u32, u32)> {
     ))
 }
 
+/// What the sock_ops program reads beyond its context: (`inet_sock.
+/// inet_saddr`, `inet_sock.inet_sport`, `tcp_sock.bpf_sock_ops_cb_flags`),
+/// all from the `struct sock *`. The first two are read with one 8-byte
+/// read, so they must lie within 8 bytes of each other, saddr first.
+pub fn sock_ops_offsets(btf: &Btf) -> Result<(u32, u32, u32)> {
+    let saddr = btf.offset_of("inet_sock", &["inet_saddr"])?;
+    let sport = btf.offset_of("inet_sock", &["inet_sport"])?;
+    if !(saddr + 4 <= sport && sport + 2 <= saddr + 8) {
+        bail!(
+            "inet_sock.inet_saddr (at {saddr}) and inet_sport (at {sport}) are not within 8 bytes"
+        );
+    }
+    let cb_flags = btf.offset_of("tcp_sock", &["bpf_sock_ops_cb_flags"])?;
+    Ok((saddr, sport, cb_flags))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +263,12 @@ mod tests {
         for off in [acked, received] {
             assert!(off > 700 && off % 8 == 0, "counter offset {off}");
         }
+        // Past struct sock, in inet_sock and tcp_sock.
+        let (saddr, sport, cb_flags) = sock_ops_offsets(&btf).unwrap();
+        assert!(
+            saddr > 700 && sport > saddr && cb_flags > sport,
+            "{saddr} {sport} {cb_flags}"
+        );
     }
 
     #[test]

@@ -137,6 +137,7 @@ impl Net {
             filter,
             ring_size: 4 << 20,
             wire: true,
+            sock_ops: true,
             ifaces: vec![CLIENT_IF.to_string(), SERVER_IF.to_string()],
             netns: vec![self.client_ns.clone(), self.server_ns.clone()],
         }

@@ -114,6 +114,11 @@ struct LiveArgs {
     /// Kernel state changes only; no TC programs on any interface.
     #[arg(long)]
     no_wire: bool,
+    /// State changes from the tracepoint alone: attach no sock_ops program
+    /// to the cgroup v2 root (that program delivers the changes the kernel
+    /// skips the tracepoint for under load; see README, "Lost events").
+    #[arg(long)]
+    no_sock_ops: bool,
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
@@ -307,6 +312,7 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
         filter: filter_from(&a)?,
         ring_size,
         wire: !a.no_wire,
+        sock_ops: !a.no_sock_ops,
         ifaces: a.ifaces.clone(),
         netns: a.netns.clone(),
     };
@@ -667,13 +673,14 @@ async fn run_live(
         }
     }
     let (claims, claimed_ms) = threads.claimed();
-    let (ring_full, missed) = (tracer.lost(), tracer.missed());
+    let (ring_full, missed, rescued) = (tracer.lost(), tracer.missed(), tracer.rescued());
+    let via_sock_ops = tracer.via_sock_ops();
     let lost = ring_full + missed;
     let undecodable = stats.undecodable.load(Ordering::Relaxed);
     let unmatched = matcher.stats().unresolved_state_events;
     let tally = tally.into_inner();
     if mode == Mode::Json {
-        let mut summary = match serde_json::json!({"type": "summary", "events": events, "lost": lost, "ring_full": ring_full, "missed": missed, "undecodable": undecodable, "unmatched_state_changes": unmatched, "priority_claims": claims, "priority_claimed_ms": claimed_ms})
+        let mut summary = match serde_json::json!({"type": "summary", "events": events, "lost": lost, "ring_full": ring_full, "missed": missed, "rescued": rescued, "via_sock_ops": via_sock_ops, "undecodable": undecodable, "unmatched_state_changes": unmatched, "priority_claims": claims, "priority_claimed_ms": claimed_ms})
         {
             serde_json::Value::Object(o) => o,
             _ => unreachable!("a JSON object literal"),
@@ -700,6 +707,9 @@ async fn run_live(
             String::new()
         }
     );
+    if rescued > 0 {
+        eprintln!("tcptrace: {rescued} state change{} the kernel skipped the tracepoint program for came through the sock_ops backup (not lost)", if rescued == 1 { "" } else { "s" });
+    }
     if matching && tally_on_stderr {
         eprint!("tcptrace: {}", tally.text());
     }

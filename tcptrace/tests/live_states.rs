@@ -123,9 +123,34 @@ fn check(
     assert!(est["prev_state_ns"].as_u64().unwrap() > 0, "{est}");
 }
 
+/// Whether this machine has a cgroup v2 hierarchy for the sock_ops backup.
+fn cgroup2_mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
+    })
+}
+
+/// The same exchange, with the sock_ops backup (the default) and without:
+/// each socket's changes after its first callback come from sock_ops in the
+/// one and from the tracepoint in the other, and `check` holds for both.
 fn loopback(addr: &str) {
+    let via = loopback_once(addr, &[]);
+    if cgroup2_mounted() {
+        // All but each socket's first change: the client's CLOSE→SYN_SENT,
+        // the child's LISTEN→SYN_RECV and the listener's CLOSE→LISTEN.
+        assert_eq!(via, 9, "state changes emitted by sock_ops");
+    }
+    assert_eq!(loopback_once(addr, &["--no-sock-ops"]), 0);
+}
+
+/// Returns the summary's `via_sock_ops`.
+fn loopback_once(addr: &str, extra: &[&str]) -> u64 {
     let port = free_port();
-    let t = Trace::start(&["--json", "--no-wire", "--port", &port.to_string()]);
+    let port_s = port.to_string();
+    let mut args = vec!["--json", "--no-wire", "--port", &port_s];
+    args.extend_from_slice(extra);
+    let t = Trace::start(&args);
     let server: SocketAddr = format!("{addr}:{port}").parse().unwrap();
     let ex = active_close_exchange(None, None, server);
     let events = t.stop();
@@ -144,6 +169,9 @@ fn loopback(addr: &str) {
         rtt["min"].as_u64() > Some(0) && rtt["min"] == rtt["max"],
         "{rtt}"
     );
+    summary[0]["via_sock_ops"]
+        .as_u64()
+        .expect("via_sock_ops in the summary")
 }
 
 #[test]

@@ -556,6 +556,10 @@ fn run_one(
             Some(Kind::Tcpstates) => count::tcpstates(&out, &err, port, transitions)?,
             _ => count::tcptrace(&out, transitions)?,
         });
+        // tcptrace's own count is net of what its sock_ops backup delivered.
+        if let Some(m) = run.out.as_ref().and_then(|o| o.missed) {
+            run.missed = Some(m);
+        }
         run.out_bytes = std::fs::metadata(&out).ok().map(|m| m.len());
         ctx.discard(&[&out, &err]);
     }

@@ -24,6 +24,10 @@ pub struct Output {
     /// tcptrace's `state_gap` anomalies (summary line): the holes it found
     /// in sockets' state changes, whether or not anything counted them.
     pub state_gaps: Option<u64>,
+    /// tcptrace's `missed`: the state tracepoint's kernel skips that its
+    /// sock_ops backup did not deliver (those it did are `rescued`).
+    pub missed: Option<u64>,
+    pub rescued: Option<u64>,
     /// tcptrace connection records, by end_reason.
     pub records: BTreeMap<String, u64>,
     /// "OLD->NEW" state transitions, when asked for.
@@ -134,6 +138,8 @@ pub fn tcptrace(path: &Path, transitions: bool) -> Result<Output> {
             o.priority_claimed_ms = json::field_u64(&line, "priority_claimed_ms");
             // Absent from the anomaly counts when there were none.
             o.state_gaps = Some(json::field_u64(&line, "state_gap").unwrap_or(0));
+            o.missed = json::field_u64(&line, "missed");
+            o.rescued = json::field_u64(&line, "rescued");
         }
     }
     o.chains.finish();

@@ -79,6 +79,8 @@ fn one(ctx: &Ctx, n: usize, rate: f64, maps: bool) -> Result<ScaleRun> {
     let missed = t.prog_misses();
     let usage = t.stop()?;
     let out_c = count::tcptrace(&out, false)?;
+    // tcptrace's own count is net of what its sock_ops backup delivered.
+    let missed = out_c.missed.unwrap_or(missed);
     ctx.discard(&[&out, &err]);
     Ok(ScaleRun {
         conns: json::field_u64(&opened_line, "conns").context("opened line")?,
@@ -162,6 +164,7 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
     let delivered = r.out.delivered();
     let lost = r.out.lost.unwrap_or(0);
     let missed = r.missed;
+    let rescued = r.out.rescued.unwrap_or(0);
     let unaccounted = expected as i64 - delivered as i64 - lost as i64 - missed as i64;
     let kb = |x: Option<u64>| x.unwrap_or(0);
     let peak = r.usage.maxrss_kb;
@@ -203,7 +206,8 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
          | events expected ({} + {} per connection) | {expected} |\n\
          | events delivered | {delivered} |\n\
          | events lost (reported) | {lost} |\n\
-         | events skipped by the kernel (BPF recursion_misses of all its programs; tcptrace reports the state tracepoint's as `missed`) | {missed} |\n\
+         | events skipped by the kernel and lost (tcptrace's `missed`: the state tracepoint's recursion_misses less what its sock_ops backup delivered) | {missed} |\n\
+         | state changes the kernel skipped the tracepoint for, delivered by sock_ops (tcptrace's `rescued`) | {rescued} |\n\
          | unaccounted | {unaccounted} |\n\
          | where state changes are missing: breaks inside a socket's chain / sockets whose last change seen is not CLOSE | {} / {} |\n\
          | holes tcptrace itself reports (`state_gap` anomalies in its connection records) | {} |\n\
@@ -289,6 +293,7 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
         .with("segments", r.out.segments)
         .with("events_lost_reported", lost)
         .with("events_skipped_by_kernel", missed)
+        .with("rescued_by_sock_ops", rescued)
         .with("events_unaccounted", unaccounted)
         .with("state_chain_breaks", r.out.chains.breaks)
         .with("sockets_unfinished", r.out.chains.unfinished_line())
