@@ -5,9 +5,12 @@
 //! are `#[repr(C)]` with explicit padding so both sides agree byte for byte.
 #![no_std]
 
-/// Slots of the kernel side's `SOCKOPS` per-CPU counters.
-pub const SOCKOPS_EMITTED: u32 = 0;
+/// Slots of the kernel side's `SOCKOPS` per-CPU counters: state changes
+/// the sock_ops program saw (of any socket), the tracepoint program left
+/// to it (of any socket), and it emitted (past the filter).
+pub const SOCKOPS_SEEN: u32 = 0;
 pub const SOCKOPS_HANDED_OFF: u32 = 1;
+pub const SOCKOPS_EMITTED: u32 = 2;
 
 pub const EVENT_STATE: u8 = 1;
 pub const EVENT_SEGMENT: u8 = 2;

@@ -3,6 +3,9 @@
 //!
 //! - `tcptrace_state` (tracepoint sock:inet_sock_set_state): one `StateEvent` per TCP state change,
 //!   attributed to the socket's owner rather than to whoever was interrupted.
+//! - `tcptrace_sockops` (sock_ops, cgroup v2 root): the same events for the sockets it follows,
+//!   which the tracepoint program then leaves to it; the kernel can skip a tracepoint's program
+//!   under load, never this one.
 //! - `tcptrace_accept`, `tcptrace_accept4` (tracepoints syscalls:sys_exit_accept*): the
 //!   accepting process becomes a child's owner.
 //! - `tcptrace_in`, `tcptrace_eg` (TC classifiers): one `SegmentEvent` per control segment (SYN, FIN,
@@ -21,7 +24,7 @@ use aya_log_ebpf::warn;
 use tcptrace_common::{
     FlowKey, ListenKey, SegmentEvent, SockInfo, StateEvent, AF_INET, AF_INET6, DIR_EGRESS,
     DIR_INGRESS, EVENT_SEGMENT, EVENT_STATE, MAX_PORTS, SOCKOPS_EMITTED, SOCKOPS_HANDED_OFF,
-    TASK_COMM_LEN, TCP_OPTIONS_MAX,
+    SOCKOPS_SEEN, TASK_COMM_LEN, TCP_OPTIONS_MAX,
 };
 
 /// Set by the CLI before load; read-only for the verifier, so disabled
@@ -236,11 +239,11 @@ pub fn tcptrace_state(ctx: TracePointContext) -> u32 {
             saddr,
             daddr,
         };
-        if !wanted(family, &c.saddr, &c.daddr, c.sport, c.dport) {
-            return 0;
-        }
         if left_to_sock_ops(&c) {
             count_sockops(SOCKOPS_HANDED_OFF);
+            return 0;
+        }
+        if !wanted(family, &c.saddr, &c.daddr, c.sport, c.dport) {
             return 0;
         }
         let _ = state_change(&ctx, c);
@@ -277,13 +280,14 @@ fn left_to_sock_ops(c: &Change) -> bool {
 #[map]
 static SOCKOPS_ON: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Per-CPU counts of wanted changes (past the filter), slots
-/// `SOCKOPS_EMITTED` (changes tcptrace_sockops emitted) and
-/// `SOCKOPS_HANDED_OFF` (runs of tcptrace_state that left a change to it): their difference is the changes the kernel skipped the
-/// tracepoint program for and sock_ops delivered, which the CLI takes off
-/// the tracepoint's skips before it reports any as lost.
+/// Per-CPU counts: `SOCKOPS_SEEN` (changes tcptrace_sockops saw) less
+/// `SOCKOPS_HANDED_OFF` (runs of tcptrace_state that left one to it) is the
+/// changes the kernel skipped the tracepoint program for and sock_ops
+/// covered, which the CLI takes off the tracepoint's skips before it
+/// reports any as lost; both count every socket, as the kernel's skip count
+/// does. `SOCKOPS_EMITTED`: the changes sock_ops emitted, past the filter.
 #[map]
-static SOCKOPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+static SOCKOPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
 #[inline(always)]
 fn count_sockops(slot: u32) {
@@ -400,6 +404,7 @@ fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
         saddr,
         daddr,
     };
+    count_sockops(SOCKOPS_SEEN);
     if !wanted(family, &c.saddr, &c.daddr, c.sport, c.dport) {
         return Ok(());
     }

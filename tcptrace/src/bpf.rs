@@ -389,31 +389,39 @@ impl Tracer {
     }
 
     /// State changes the kernel skipped tcptrace_state for that the sock_ops
-    /// program delivered: it emitted them, and the tracepoint program never
-    /// ran to leave them to it.
+    /// program covered: it saw them (and emitted those past the filter), and
+    /// the tracepoint program never ran to leave them to it. Of any socket,
+    /// as the kernel's skip count is.
     pub fn rescued(&self) -> u64 {
-        let (emitted, handed_off) = self.sock_ops_counts();
-        emitted.saturating_sub(handed_off)
+        let [seen, handed_off, _] = self.sock_ops_counts();
+        seen.saturating_sub(handed_off)
     }
 
     /// State changes the sock_ops program emitted (0 when it is not attached).
     pub fn via_sock_ops(&self) -> u64 {
-        self.sock_ops_counts().0
+        self.sock_ops_counts()[tcptrace_common::SOCKOPS_EMITTED as usize]
     }
 
-    fn sock_ops_counts(&self) -> (u64, u64) {
-        self.instances
-            .iter()
-            .filter_map(|i| i.att.ebpf.map("SOCKOPS"))
-            .filter_map(|m| PerCpuArray::<_, u64>::try_from(m).ok())
-            .map(|a| {
-                let sum = |slot| a.get(&slot, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
-                (
-                    sum(tcptrace_common::SOCKOPS_EMITTED),
-                    sum(tcptrace_common::SOCKOPS_HANDED_OFF),
-                )
-            })
-            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    /// The kernel side's `SOCKOPS` counters, summed over CPUs, by slot.
+    fn sock_ops_counts(&self) -> [u64; 3] {
+        let mut total = [0; 3];
+        for i in &self.instances {
+            let Some(a) = i
+                .att
+                .ebpf
+                .map("SOCKOPS")
+                .and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok())
+            else {
+                continue;
+            };
+            for (slot, t) in total.iter_mut().enumerate() {
+                *t += a
+                    .get(&(slot as u32), 0)
+                    .map(|v| v.iter().sum::<u64>())
+                    .unwrap_or(0);
+            }
+        }
+        total
     }
 
     /// State changes lost because the kernel did not give them to
@@ -426,8 +434,8 @@ impl Tracer {
         // A change left to sock_ops that it did not emit (a socket whose
         // state callbacks another tool turned on, in a cgroup where the
         // kernel does not run tcptrace's sock_ops program) is lost too.
-        let (emitted, handed_off) = self.sock_ops_counts();
-        self.skipped().saturating_sub(self.rescued()) + handed_off.saturating_sub(emitted)
+        let [seen, handed_off, _] = self.sock_ops_counts();
+        self.skipped().saturating_sub(self.rescued()) + handed_off.saturating_sub(seen)
     }
 
     /// The state program's `recursion_misses`, rescued or not.
