@@ -193,6 +193,11 @@ fn load_instance(cfg: &TraceConfig, filter: &Filter) -> Result<(Ebpf, Option<Log
 /// Attaches the sock_ops program to the cgroup v2 root, where it sees every
 /// socket of the host (beside other programs there), then turns it on.
 fn attach_sock_ops(ebpf: &mut Ebpf) -> Result<()> {
+    // Before 5.7 a cgroup program is attached without a link, and would
+    // stay attached if tcptrace were killed.
+    if !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 7, 0)) {
+        bail!("this kernel has no BPF links for cgroups (5.7 and later)");
+    }
     let mounts =
         std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
     let root = mounts

@@ -771,7 +771,7 @@ fn storm_scenario(
     let mut md = format!(
         "\n## Storm: {threads} client threads, {duration} s per run, {rounds} rounds (medians; events summed over rounds)\n\n\
          Calibration: one connection = {} state changes + {} segments (tcptrace, wire on lo), plus {} state change(s) per run (the listener closing).\n\n\
-         | configuration | conn/s | vs no tracer | events expected | delivered | lost (reported) | skipped by kernel (recursion_misses) | unaccounted | tracer CPU ms / 1k events | of which sys | output bytes / event | tracer CPU % of a core | machine idle % | peak RSS MiB | output settles s |\n\
+         | configuration | conn/s | vs no tracer | events expected | delivered | lost (reported) | skipped by kernel and lost | unaccounted | tracer CPU ms / 1k events | of which sys | output bytes / event | tracer CPU % of a core | machine idle % | peak RSS MiB | output settles s |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         pc.states, pc.segments, pc.state_extra
     );
@@ -987,8 +987,9 @@ fn storm_scenario(
         .with("runs", J::A(runs.iter().map(Run::json).collect()));
     md.push_str(
         "\n\"vs no tracer\" is the median of per-round ratios (each run against the no-tracer run of its round), the lowest and highest round in brackets. \
-         \"skipped by kernel\": runs of the tracer's BPF programs the kernel skipped because another BPF program was running on that CPU \
-         (recursion_misses in the programs' fdinfo; tcptrace reports them in its summary as `missed`, tcpstates does not). \
+         \"skipped by kernel\": events lost because the kernel skipped a tracer's BPF program while one was running on that CPU \
+         (tcpstates: recursion_misses in its programs' fdinfo, which it does not report; tcptrace: its summary's `missed`, those \
+         skips less the ones its sock_ops program delivered, `rescued`). \
          \"lost (reported)\" is the ring-full count; \"unaccounted\" = expected − delivered − reported lost − skipped. Tracer CPU is user+sys from wait4(2); \
          the eBPF programs' own cost is charged to the storm and shows up in conn/s. \
          \"output settles\": how long after the storm the output file kept growing (tcptrace's finished connection records linger 0.5 s for stragglers, 20 ms when only the kernel saw them; \
