@@ -163,6 +163,38 @@ fn current_owner(ts_ns: u64) -> SockInfo {
     }
 }
 
+/// `current_owner` for programs that may not call bpf_get_current_comm or
+/// bpf_get_current_pid_tgid (sock_ops before 6.x): the same fields, read
+/// from the current task (`task_struct.tgid`, `.comm`; offsets from BTF).
+#[inline(always)]
+fn current_owner_from_task(ts_ns: u64) -> SockInfo {
+    let f = filter();
+    // SAFETY: returns the current task's address, a plain number here.
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
+    let mut comm = core::mem::MaybeUninit::<[u8; TASK_COMM_LEN]>::uninit();
+    // SAFETY: bpf_probe_read_kernel fills the buffer, with zeroes when it
+    // fails, and fails cleanly on a bad address.
+    let (pid, comm) = unsafe {
+        generated::bpf_probe_read_kernel(
+            comm.as_mut_ptr().cast(),
+            TASK_COMM_LEN as u32,
+            (task + f.off_task_comm as u64) as *const core::ffi::c_void,
+        );
+        (
+            bpf_probe_read_kernel((task + f.off_task_tgid as u64) as *const u32).unwrap_or(0),
+            comm.assume_init(),
+        )
+    };
+    SockInfo {
+        ts_ns,
+        pid,
+        owner_known: 1,
+        comm,
+        netns: 0,
+        _pad: 0,
+    }
+}
+
 /// Namespace inode of a socket: sk->__sk_common.skc_net.net->ns.inum, with
 /// offsets the CLI read from this kernel's BTF.
 #[inline(always)]
@@ -246,7 +278,7 @@ pub fn tcptrace_state(ctx: TracePointContext) -> u32 {
         if !wanted(family, &c.saddr, &c.daddr, c.sport, c.dport) {
             return 0;
         }
-        let _ = state_change(&ctx, c);
+        let _ = state_change(&ctx, c, current_owner);
     }
     0
 }
@@ -353,6 +385,27 @@ fn ops_addr6(ctx: &SockOpsContext, off: usize) -> Addr {
     ]
 }
 
+/// `inet_sock.inet_saddr` and `inet_sport` (in host order), where the
+/// tracepoint reads a socket's local address and port: one read where they
+/// lie within 8 bytes (6.18), two where they do not (6.1); the offsets are
+/// constants to the verifier, which drops the other branch.
+#[inline(always)]
+fn inet_saddr_sport(sk: u64) -> Result<(u32, u16), i32> {
+    let f = filter();
+    let (a, p) = (f.off_inet_saddr, f.off_inet_sport);
+    // SAFETY: the socket's inet_sock fields, through bpf_probe_read_kernel.
+    unsafe {
+        if p >= a + 4 && p + 2 <= a + 8 {
+            let both: u64 = bpf_probe_read_kernel((sk + a as u64) as *const u64)?;
+            Ok((both as u32, u16::from_be((both >> (8 * (p - a))) as u16)))
+        } else {
+            let saddr: u32 = bpf_probe_read_kernel((sk + a as u64) as *const u32)?;
+            let sport: u16 = bpf_probe_read_kernel((sk + p as u64) as *const u16)?;
+            Ok((saddr, u16::from_be(sport)))
+        }
+    }
+}
+
 fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
     use aya_ebpf::bindings::bpf_sock_ops as Ops;
     use core::mem::offset_of;
@@ -384,10 +437,9 @@ fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
     let dport = ops_u32(ctx, offset_of!(Ops, remote_port));
     let args = offset_of!(Ops, __bindgen_anon_1);
     let (oldstate, newstate) = (ops_u32(ctx, args) as i32, ops_u32(ctx, args + 4) as i32);
-    // SAFETY: the socket's inet_sock fields, through bpf_probe_read_kernel.
-    let inet: u64 = unsafe { bpf_probe_read_kernel((sk + f.off_inet_saddr as u64) as *const u64)? };
+    let (saddr4, sport) = inet_saddr_sport(sk)?;
     let (saddr, daddr): (Addr, Addr) = if family == AF_INET {
-        ([inet as u32, 0, 0, 0], [daddr4, 0, 0, 0])
+        ([saddr4, 0, 0, 0], [daddr4, 0, 0, 0])
     } else if family == AF_INET6 {
         (saddr_v6, daddr_v6)
     } else {
@@ -398,7 +450,7 @@ fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
         oldstate,
         newstate,
         family,
-        sport: u16::from_be((inet >> (8 * (f.off_inet_sport - f.off_inet_saddr))) as u16),
+        sport,
         // The context shifts the big-endian port into the upper half.
         dport: u16::from_be((dport >> 16) as u16),
         saddr,
@@ -409,7 +461,7 @@ fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
         return Ok(());
     }
     count_sockops(SOCKOPS_EMITTED);
-    state_change(ctx, c)
+    state_change(ctx, c, current_owner_from_task)
 }
 
 /// One TCP state change, as the tracepoint describes it (ports in host order).
@@ -427,7 +479,11 @@ struct Change {
 /// Emits a change the user wants (the caller applied the filter) and keeps
 /// the socket's owner and time in state.
 #[inline(always)]
-fn state_change<C: EbpfContext>(ctx: &C, c: Change) -> Result<(), i32> {
+fn state_change<C: EbpfContext>(
+    ctx: &C,
+    c: Change,
+    current_owner: impl Fn(u64) -> SockInfo,
+) -> Result<(), i32> {
     let Change {
         skaddr,
         oldstate,

@@ -283,9 +283,10 @@ impl Tracer {
             Err(e) => log::warn!("bytes each way will come from sequence numbers only: {e:#}"),
         }
         match btf::sock_ops_offsets(&btf) {
-            Ok((saddr, sport, cb_flags)) => {
+            Ok([saddr, sport, cb_flags, tgid, comm]) => {
                 (filter.off_inet_saddr, filter.off_inet_sport) = (saddr, sport);
                 filter.off_sock_ops_cb_flags = cb_flags;
+                (filter.off_task_tgid, filter.off_task_comm) = (tgid, comm);
             }
             Err(e) => log::warn!("no sock_ops backup for the state tracepoint: {e:#}"),
         }

@@ -225,20 +225,18 @@ pub fn byte_counter_offsets(btf: &Btf) -> Result<(u32, u32)> {
     ))
 }
 
-/// What the sock_ops program reads beyond its context: (`inet_sock.
-/// inet_saddr`, `inet_sock.inet_sport`, `tcp_sock.bpf_sock_ops_cb_flags`),
-/// all from the `struct sock *`. The first two are read with one 8-byte
-/// read, so they must lie within 8 bytes of each other, saddr first.
-pub fn sock_ops_offsets(btf: &Btf) -> Result<(u32, u32, u32)> {
-    let saddr = btf.offset_of("inet_sock", &["inet_saddr"])?;
-    let sport = btf.offset_of("inet_sock", &["inet_sport"])?;
-    if !(saddr + 4 <= sport && sport + 2 <= saddr + 8) {
-        bail!(
-            "inet_sock.inet_saddr (at {saddr}) and inet_sport (at {sport}) are not within 8 bytes"
-        );
-    }
-    let cb_flags = btf.offset_of("tcp_sock", &["bpf_sock_ops_cb_flags"])?;
-    Ok((saddr, sport, cb_flags))
+/// What the sock_ops program reads beyond its context, all from the
+/// `struct sock *` but the last two: `inet_sock.inet_saddr`,
+/// `inet_sock.inet_sport`, `tcp_sock.bpf_sock_ops_cb_flags`,
+/// `task_struct.tgid`, `task_struct.comm`.
+pub fn sock_ops_offsets(btf: &Btf) -> Result<[u32; 5]> {
+    Ok([
+        btf.offset_of("inet_sock", &["inet_saddr"])?,
+        btf.offset_of("inet_sock", &["inet_sport"])?,
+        btf.offset_of("tcp_sock", &["bpf_sock_ops_cb_flags"])?,
+        btf.offset_of("task_struct", &["tgid"])?,
+        btf.offset_of("task_struct", &["comm"])?,
+    ])
 }
 
 #[cfg(test)]
@@ -264,11 +262,12 @@ mod tests {
             assert!(off > 700 && off % 8 == 0, "counter offset {off}");
         }
         // Past struct sock, in inet_sock and tcp_sock.
-        let (saddr, sport, cb_flags) = sock_ops_offsets(&btf).unwrap();
+        let [saddr, sport, cb_flags, tgid, comm] = sock_ops_offsets(&btf).unwrap();
         assert!(
             saddr > 700 && sport > saddr && cb_flags > sport,
             "{saddr} {sport} {cb_flags}"
         );
+        assert!(tgid > 0 && comm > tgid, "{tgid} {comm}");
     }
 
     #[test]
