@@ -338,9 +338,9 @@ const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const BPF_SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
 const BPF_SOCK_OPS_STATE_CB_FLAG: u8 = 4;
 
-/// On the cgroup v2 root: asks to follow each TCP socket's state changes
-/// from its first callback on (a listener's children inherit the request),
-/// then emits them as the tracepoint program would. The socket's 4-tuple is
+/// On the cgroup v2 root: asks to follow each wanted TCP socket's state
+/// changes from its first callback on (a listener's children inherit the
+/// request), then emits them as the tracepoint program would. The socket's 4-tuple is
 /// read where the tracepoint reads it, so both emit the same event.
 #[sock_ops]
 pub fn tcptrace_sockops(ctx: SockOpsContext) -> u32 {
@@ -353,7 +353,7 @@ pub fn tcptrace_sockops(ctx: SockOpsContext) -> u32 {
         | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
         | BPF_SOCK_OPS_TCP_LISTEN_CB => {
             let flags = ctx.cb_flags();
-            if flags & BPF_SOCK_OPS_STATE_CB_FLAG as u32 == 0 {
+            if flags & BPF_SOCK_OPS_STATE_CB_FLAG as u32 == 0 && follow(&ctx) {
                 let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG as u32) as i32);
             }
         }
@@ -404,6 +404,33 @@ fn inet_saddr_sport(sk: u64) -> Result<(u32, u16), i32> {
             Ok((saddr, u16::from_be(sport)))
         }
     }
+}
+
+/// Whether to follow this socket's state changes: only the user's, so that
+/// other sockets cost the host no sock_ops run per change. The 4-tuple as
+/// the context has it (the bound local address, which is the tracepoint's
+/// but for a socket bound to any address).
+#[inline(always)]
+fn follow(ctx: &SockOpsContext) -> bool {
+    use aya_ebpf::bindings::bpf_sock_ops as Ops;
+    use core::mem::offset_of;
+    let family = ops_u32(ctx, offset_of!(Ops, family)) as u16;
+    let (local, remote): (Addr, Addr) = if family == AF_INET {
+        (
+            [ops_u32(ctx, offset_of!(Ops, local_ip4)), 0, 0, 0],
+            [ops_u32(ctx, offset_of!(Ops, remote_ip4)), 0, 0, 0],
+        )
+    } else if family == AF_INET6 {
+        (
+            ops_addr6(ctx, offset_of!(Ops, local_ip6)),
+            ops_addr6(ctx, offset_of!(Ops, remote_ip6)),
+        )
+    } else {
+        return false;
+    };
+    let lport = ops_u32(ctx, offset_of!(Ops, local_port)) as u16;
+    let rport = u16::from_be((ops_u32(ctx, offset_of!(Ops, remote_port)) >> 16) as u16);
+    wanted(family, &local, &remote, lport, rport)
 }
 
 fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
