@@ -125,12 +125,9 @@ pub struct Filter {
     pub off_bytes_received: u32,
     /// For the sock_ops program, which gets a socket rather than the
     /// tracepoint's record: `inet_sock.inet_saddr` and `inet_sport` (one
-    /// read where they lie within 8 bytes), and
-    /// `tcp_sock.bpf_sock_ops_cb_flags`, which the tracepoint program reads
-    /// to leave a change to sock_ops. 0 disables sock_ops.
+    /// read where they lie within 8 bytes). 0: no sock_ops.
     pub off_inet_saddr: u32,
     pub off_inet_sport: u32,
-    pub off_sock_ops_cb_flags: u32,
     /// `task_struct.tgid` and `.comm`, for the sock_ops program, which may
     /// not call bpf_get_current_pid_tgid / bpf_get_current_comm on every
     /// kernel.
@@ -161,7 +158,6 @@ impl Filter {
             off_bytes_received: 0,
             off_inet_saddr: 0,
             off_inet_sport: 0,
-            off_sock_ops_cb_flags: 0,
             off_task_tgid: 0,
             off_task_comm: 0,
             _pad_off: 0,

@@ -164,7 +164,7 @@ fn current_owner(ts_ns: u64) -> SockInfo {
 }
 
 /// `current_owner` for programs that may not call bpf_get_current_comm or
-/// bpf_get_current_pid_tgid (sock_ops before 6.x): the same fields, read
+/// bpf_get_current_pid_tgid (sock_ops on 6.1): the same fields, read
 /// from the current task (`task_struct.tgid`, `.comm`; offsets from BTF).
 #[inline(always)]
 fn current_owner_from_task(ts_ns: u64) -> SockInfo {
@@ -288,23 +288,90 @@ pub fn tcptrace_state(ctx: TracePointContext) -> u32 {
 /// closes), and does not always count the skip. A sock_ops program is not
 /// a tracing program and is never skipped: for the sockets it asked to
 /// follow (`BPF_SOCK_OPS_STATE_CB_FLAG`), tcp_set_state() calls it just
-/// before the tracepoint, and it emits the change instead. LISTEN and a
-/// child's SYN_RECV are set without tcp_set_state(), so they stay here.
+/// before the tracepoint, and it emits the change instead, leaving a note
+/// in `HANDLED`. Only that note hands a change off: a socket's flag alone
+/// would not do, since some changes reach the tracepoint without
+/// tcp_set_state() (→LISTEN, a child's →SYN_RECV, a child that lost the
+/// race to the established hash going to CLOSE) and another tool can set
+/// the flag where tcptrace's program does not run.
 #[inline(always)]
 fn left_to_sock_ops(c: &Change) -> bool {
-    let f = filter();
-    if f.off_sock_ops_cb_flags == 0
-        || c.newstate == TCP_LISTEN
-        || (c.oldstate == TCP_LISTEN && c.newstate == TCP_SYN_RECV)
-        || SOCKOPS_ON.get(0).copied().unwrap_or(0) == 0
-    {
+    let Some(notes) = HANDLED.get_ptr_mut(0) else {
         return false;
-    }
-    // SAFETY: bpf_probe_read_kernel fails cleanly on a bad address.
-    let flags: u8 = unsafe {
-        bpf_probe_read_kernel((c.skaddr + f.off_sock_ops_cb_flags as u64) as *const u8).unwrap_or(0)
     };
-    flags & BPF_SOCK_OPS_STATE_CB_FLAG != 0
+    let states = handled_states(c.oldstate, c.newstate);
+    // SAFETY: this CPU's notes, which only this CPU touches.
+    let notes = unsafe { &mut *notes };
+    let mut i = 0;
+    while i < NOTES {
+        if notes[i].skaddr == c.skaddr && notes[i].states == states {
+            notes[i].states = 0;
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Changes tcptrace_sockops emitted, each waiting for the tracepoint's
+/// program, which runs next in the same tcp_set_state() on this CPU. At
+/// most two wait at a time (a softirq's change in between, for another
+/// socket, waits for a moment on top of a task's); a note the tracepoint's
+/// program never took (the kernel skipped it) is free again after
+/// `NOTE_TTL_NS`, when its socket has moved on or is gone. Were all taken,
+/// the oldest would be overwritten, and its change emitted twice, never
+/// lost.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Note {
+    skaddr: u64,
+    ts_ns: u64,
+    states: u32,
+    _pad: u32,
+}
+
+const NOTES: usize = 8;
+const NOTE_TTL_NS: u64 = 10_000_000;
+
+#[map]
+static HANDLED: PerCpuArray<[Note; NOTES]> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn handled_states(old: i32, new: i32) -> u32 {
+    // Never 0, which marks a free note.
+    0x10000 | ((old as u32 & 0xff) << 8) | (new as u32 & 0xff)
+}
+
+/// Leaves a note that this change was emitted here (see `Note`).
+#[inline(always)]
+fn note_handled(skaddr: u64, old: i32, new: i32) {
+    let Some(notes) = HANDLED.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's notes. A softirq that interrupts this loop finishes
+    // its own notes before it returns.
+    let notes = unsafe { &mut *notes };
+    // SAFETY: reads the clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (mut pick, mut oldest) = (0, u64::MAX);
+    let mut i = 0;
+    while i < NOTES {
+        let n = notes[i];
+        if n.states == 0 || now.wrapping_sub(n.ts_ns) > NOTE_TTL_NS {
+            pick = i;
+            break;
+        }
+        if n.ts_ns < oldest {
+            (pick, oldest) = (i, n.ts_ns);
+        }
+        i += 1;
+    }
+    notes[pick] = Note {
+        skaddr,
+        ts_ns: now,
+        states: handled_states(old, new),
+        _pad: 0,
+    };
 }
 
 /// Set by the CLI once `tcptrace_sockops` is attached; until then (and when
@@ -324,9 +391,9 @@ static SOCKOPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 #[inline(always)]
 fn count_sockops(slot: u32) {
     if let Some(n) = SOCKOPS.get_ptr_mut(slot) {
-        // SAFETY: a valid per-CPU slot. Not atomic (BPF has no fetch-add
-        // here): a sock_ops run in softirq that interrupts one in a task
-        // between the load and the store would cost one count.
+        // SAFETY: a valid per-CPU slot. Not atomic (Rust offers no atomic
+        // add on the BPF target): a sock_ops run in softirq that interrupts
+        // one in a task between this load and store would cost one count.
         unsafe { *n += 1 };
     }
 }
@@ -436,7 +503,6 @@ fn follow(ctx: &SockOpsContext) -> bool {
 fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
     use aya_ebpf::bindings::bpf_sock_ops as Ops;
     use core::mem::offset_of;
-    let f = filter();
     // SAFETY: `ops` is the program's context; `sk` in it is the socket.
     let skp = unsafe {
         core::ptr::read_volatile(
@@ -483,12 +549,15 @@ fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
         saddr,
         daddr,
     };
+    note_handled(sk, oldstate, newstate);
     count_sockops(SOCKOPS_SEEN);
     if !wanted(family, &c.saddr, &c.daddr, c.sport, c.dport) {
         return Ok(());
     }
-    count_sockops(SOCKOPS_EMITTED);
-    state_change(ctx, c, current_owner_from_task)
+    if state_change(ctx, c, current_owner_from_task)? {
+        count_sockops(SOCKOPS_EMITTED);
+    }
+    Ok(())
 }
 
 /// One TCP state change, as the tracepoint describes it (ports in host order).
@@ -504,13 +573,14 @@ struct Change {
 }
 
 /// Emits a change the user wants (the caller applied the filter) and keeps
-/// the socket's owner and time in state.
+/// the socket's owner and time in state. True when the event went into the
+/// ring (false: the ring was full, counted in LOST).
 #[inline(always)]
 fn state_change<C: EbpfContext>(
     ctx: &C,
     c: Change,
     current_owner: impl Fn(u64) -> SockInfo,
-) -> Result<(), i32> {
+) -> Result<bool, i32> {
     let Change {
         skaddr,
         oldstate,
@@ -593,7 +663,7 @@ fn state_change<C: EbpfContext>(
                 (0, 0, 0)
             };
 
-        match EVENTS.reserve::<StateEvent>(0) {
+        let delivered = match EVENTS.reserve::<StateEvent>(0) {
             Some(mut entry) => {
                 let ev = entry.as_mut_ptr();
                 // `ev` points at a reserved, exclusively owned record; the
@@ -623,6 +693,7 @@ fn state_change<C: EbpfContext>(
                     (*ev).bytes_received = bytes_received;
                 }
                 entry.submit(0);
+                true
             }
             None => {
                 // Once per CPU: LOST counts every drop, and a log line per
@@ -630,8 +701,9 @@ fn state_change<C: EbpfContext>(
                 if count_lost() == 1 {
                     warn!(ctx, "tcptrace: ring buffer full, dropping state changes");
                 }
+                false
             }
-        }
+        };
 
         if newstate == TCP_LISTEN {
             let _ = LISTENERS.insert(listen_key, info, 0);
@@ -648,8 +720,8 @@ fn state_change<C: EbpfContext>(
                 let _ = SOCKS.insert(skaddr, info, 0);
             }
         }
+        Ok(delivered)
     }
-    Ok(())
 }
 
 /// accept() runs in the process that takes the child: it is the owner from

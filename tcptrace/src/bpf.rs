@@ -57,6 +57,14 @@ pub const TC_PROG_NAMES: [&str; 4] = [
 const STATE_DIR: &str = "/run/tcptrace";
 const TRACEFS: &str = "/sys/kernel/tracing";
 
+/// See `Tracer::skips`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Skips {
+    pub missed: u64,
+    pub rescued: u64,
+    pub via_sock_ops: u64,
+}
+
 pub struct TraceConfig {
     pub filter: Filter,
     /// Ring buffer size in bytes (a power of two, at least a page).
@@ -207,19 +215,32 @@ fn attach_sock_ops(ebpf: &mut Ebpf) -> Result<()> {
         .map(|f| f[1].to_string())
         .context("no cgroup v2 hierarchy is mounted")?;
     let cgroup = std::fs::File::open(&root).with_context(|| format!("opening {root}"))?;
+    // The hierarchy's root directory is inode 1; inside a cgroup namespace
+    // (a container) the mount is a subtree, and sockets outside it are left
+    // to the tracepoint.
+    if std::os::unix::fs::MetadataExt::ino(&cgroup.metadata()?) != 1 {
+        log::warn!("{root} is not the root of the cgroup v2 hierarchy (a cgroup namespace?): the sock_ops backup covers only the sockets of processes under it");
+    }
     let prog: &mut aya::programs::SockOps = program(ebpf, PROG_SOCK_OPS)?.try_into()?;
     prog.load()
         .map_err(|e| explain_load_error(anyhow!(e).context(PROG_SOCK_OPS)))?;
     // On 5.7 and later this is a BPF link, which always runs beside the
     // cgroup's other programs (and goes away with tcptrace); the link API
     // refuses the multi flag itself.
-    prog.attach(cgroup, aya::programs::CgroupAttachMode::Single)
+    let link = prog
+        .attach(cgroup, aya::programs::CgroupAttachMode::Single)
         .with_context(|| format!("attaching {PROG_SOCK_OPS} to {root}"))?;
-    let mut on: aya::maps::Array<_, u32> = ebpf
+    let on = ebpf
         .map_mut("SOCKOPS_ON")
-        .context("map SOCKOPS_ON missing from the eBPF object")?
-        .try_into()?;
-    on.set(0, 1, 0).context("turning sock_ops on")?;
+        .context("map SOCKOPS_ON missing from the eBPF object")
+        .and_then(|m| Ok(aya::maps::Array::<_, u32>::try_from(m)?))
+        .and_then(|mut on| Ok(on.set(0, 1, 0)?));
+    if let Err(e) = on {
+        // Not left attached, doing nothing, for the rest of the run.
+        let prog: &mut aya::programs::SockOps = program(ebpf, PROG_SOCK_OPS)?.try_into()?;
+        let _ = prog.detach(link);
+        return Err(e.context("turning sock_ops on"));
+    }
     log::debug!("{PROG_SOCK_OPS} attached to {root}");
     Ok(())
 }
@@ -283,9 +304,8 @@ impl Tracer {
             Err(e) => log::warn!("bytes each way will come from sequence numbers only: {e:#}"),
         }
         match btf::sock_ops_offsets(&btf) {
-            Ok([saddr, sport, cb_flags, tgid, comm]) => {
+            Ok([saddr, sport, tgid, comm]) => {
                 (filter.off_inet_saddr, filter.off_inet_sport) = (saddr, sport);
-                filter.off_sock_ops_cb_flags = cb_flags;
                 (filter.off_task_tgid, filter.off_task_comm) = (tgid, comm);
             }
             Err(e) => log::warn!("no sock_ops backup for the state tracepoint: {e:#}"),
@@ -310,7 +330,7 @@ impl Tracer {
                 log::warn!("cannot attach to syscalls:{tp_name} ({e}); accepted sockets keep their listener's owner");
             }
         }
-        if cfg.sock_ops && filter.off_sock_ops_cb_flags != 0 {
+        if cfg.sock_ops && filter.off_inet_saddr != 0 {
             if let Err(e) = attach_sock_ops(&mut ebpf) {
                 log::warn!("state changes the kernel skips under load can be lost: no sock_ops backup ({e:#})");
             }
@@ -394,18 +414,25 @@ impl Tracer {
             .sum()
     }
 
-    /// State changes the kernel skipped tcptrace_state for that the sock_ops
-    /// program covered: it saw them (and emitted those past the filter), and
-    /// the tracepoint program never ran to leave them to it. Of any socket,
-    /// as the kernel's skip count is.
-    pub fn rescued(&self) -> u64 {
-        let [seen, handed_off, _] = self.sock_ops_counts();
-        seen.saturating_sub(handed_off)
-    }
-
-    /// State changes the sock_ops program emitted (0 when it is not attached).
-    pub fn via_sock_ops(&self) -> u64 {
-        self.sock_ops_counts()[tcptrace_common::SOCKOPS_EMITTED as usize]
+    /// The state changes the kernel skipped tcptrace_state for, from one
+    /// reading of the counters (the programs are still running):
+    /// - `missed`: lost. The skips the kernel counted (`recursion_misses`,
+    ///   6.6 and later; older kernels skip without counting), less those the
+    ///   sock_ops program covered, plus changes left to sock_ops that it
+    ///   never saw (should there be any, a sign of a bug).
+    /// - `rescued`: skips the sock_ops program covered (it saw the change,
+    ///   and the tracepoint program never ran to take its note), of any
+    ///   socket, as the kernel's count is; those the filter wants were
+    ///   delivered.
+    /// - `via_sock_ops`: changes the sock_ops program delivered.
+    pub fn skips(&self) -> Skips {
+        let [seen, handed_off, emitted] = self.sock_ops_counts();
+        let rescued = seen.saturating_sub(handed_off);
+        Skips {
+            missed: self.skipped().saturating_sub(rescued) + handed_off.saturating_sub(seen),
+            rescued,
+            via_sock_ops: emitted,
+        }
     }
 
     /// The kernel side's `SOCKOPS` counters, summed over CPUs, by slot.
@@ -428,20 +455,6 @@ impl Tracer {
             }
         }
         total
-    }
-
-    /// State changes lost because the kernel did not give them to
-    /// tcptrace_state: a tracepoint's program is skipped while a BPF tracing
-    /// program runs on that CPU (an interrupt arriving during one, say). The
-    /// kernel counts these as the program's `recursion_misses` (6.6 and
-    /// later; older kernels skip without counting), less those the sock_ops
-    /// backup delivered.
-    pub fn missed(&self) -> u64 {
-        // A change left to sock_ops that it did not emit (a socket whose
-        // state callbacks another tool turned on, in a cgroup where the
-        // kernel does not run tcptrace's sock_ops program) is lost too.
-        let [seen, handed_off, _] = self.sock_ops_counts();
-        self.skipped().saturating_sub(self.rescued()) + handed_off.saturating_sub(seen)
     }
 
     /// The state program's `recursion_misses`, rescued or not.

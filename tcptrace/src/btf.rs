@@ -225,15 +225,13 @@ pub fn byte_counter_offsets(btf: &Btf) -> Result<(u32, u32)> {
     ))
 }
 
-/// What the sock_ops program reads beyond its context, all from the
-/// `struct sock *` but the last two: `inet_sock.inet_saddr`,
-/// `inet_sock.inet_sport`, `tcp_sock.bpf_sock_ops_cb_flags`,
-/// `task_struct.tgid`, `task_struct.comm`.
-pub fn sock_ops_offsets(btf: &Btf) -> Result<[u32; 5]> {
+/// What the sock_ops program reads beyond its context: from the `struct
+/// sock *`, `inet_sock.inet_saddr` and `inet_sock.inet_sport`; from the
+/// current task, `task_struct.tgid` and `task_struct.comm`.
+pub fn sock_ops_offsets(btf: &Btf) -> Result<[u32; 4]> {
     Ok([
         btf.offset_of("inet_sock", &["inet_saddr"])?,
         btf.offset_of("inet_sock", &["inet_sport"])?,
-        btf.offset_of("tcp_sock", &["bpf_sock_ops_cb_flags"])?,
         btf.offset_of("task_struct", &["tgid"])?,
         btf.offset_of("task_struct", &["comm"])?,
     ])
@@ -262,11 +260,8 @@ mod tests {
             assert!(off > 700 && off % 8 == 0, "counter offset {off}");
         }
         // Past struct sock, in inet_sock and tcp_sock.
-        let [saddr, sport, cb_flags, tgid, comm] = sock_ops_offsets(&btf).unwrap();
-        assert!(
-            saddr > 700 && sport > saddr && cb_flags > sport,
-            "{saddr} {sport} {cb_flags}"
-        );
+        let [saddr, sport, tgid, comm] = sock_ops_offsets(&btf).unwrap();
+        assert!(saddr > 700 && sport > saddr, "{saddr} {sport}");
         assert!(tgid > 0 && comm > tgid, "{tgid} {comm}");
     }
 

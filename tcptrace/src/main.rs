@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
-use tcptrace::bpf::{TraceConfig, Tracer};
+use tcptrace::bpf::{Skips, TraceConfig, Tracer};
 use tcptrace::demo;
 use tcptrace::event::Event;
 use tcptrace::matcher::{AnomalyKind, Connection, Matcher, MatcherConfig};
@@ -577,7 +577,7 @@ async fn run_live(
                     eprintln!("tcptrace: lost {} events (ring buffer full; raise --ring-size); {lost} in total", lost - lost_reported);
                     lost_reported = lost;
                 }
-                let missed = tracer.missed();
+                let missed = tracer.skips().missed;
                 if missed > missed_reported {
                     eprintln!("tcptrace: the kernel skipped {} state changes (another BPF tracing program was running on that CPU); {missed} in total", missed - missed_reported);
                     missed_reported = missed;
@@ -673,8 +673,12 @@ async fn run_live(
         }
     }
     let (claims, claimed_ms) = threads.claimed();
-    let (ring_full, missed, rescued) = (tracer.lost(), tracer.missed(), tracer.rescued());
-    let via_sock_ops = tracer.via_sock_ops();
+    let ring_full = tracer.lost();
+    let Skips {
+        missed,
+        rescued,
+        via_sock_ops,
+    } = tracer.skips();
     let lost = ring_full + missed;
     let undecodable = stats.undecodable.load(Ordering::Relaxed);
     let unmatched = matcher.stats().unresolved_state_events;
@@ -708,7 +712,7 @@ async fn run_live(
         }
     );
     if rescued > 0 {
-        eprintln!("tcptrace: {rescued} state change{} the kernel skipped the tracepoint program for came through the sock_ops backup (not lost)", if rescued == 1 { "" } else { "s" });
+        eprintln!("tcptrace: {rescued} state change{} the kernel skipped the tracepoint program for were covered by the sock_ops backup (not lost)", if rescued == 1 { "" } else { "s" });
     }
     if matching && tally_on_stderr {
         eprint!("tcptrace: {}", tally.text());
