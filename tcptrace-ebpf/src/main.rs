@@ -253,6 +253,12 @@ pub fn tcptrace_state(ctx: TracePointContext) -> u32 {
         if tp::<u16>(&ctx, TP_PROTOCOL) != IPPROTO_TCP as u16 {
             return 0;
         }
+        let skaddr: u64 = tp(&ctx, TP_SKADDR);
+        let (oldstate, newstate): (i32, i32) = (tp(&ctx, TP_OLDSTATE), tp(&ctx, TP_NEWSTATE));
+        if left_to_sock_ops(skaddr, oldstate, newstate) {
+            count_sockops(SOCKOPS_HANDED_OFF);
+            return 0;
+        }
         let family: u16 = tp(&ctx, TP_FAMILY);
         let (saddr, daddr): (Addr, Addr) = if family == AF_INET {
             ([tp(&ctx, TP_SADDR), 0, 0, 0], [tp(&ctx, TP_DADDR), 0, 0, 0])
@@ -262,19 +268,15 @@ pub fn tcptrace_state(ctx: TracePointContext) -> u32 {
             return 0;
         };
         let c = Change {
-            skaddr: tp(&ctx, TP_SKADDR),
-            oldstate: tp(&ctx, TP_OLDSTATE),
-            newstate: tp(&ctx, TP_NEWSTATE),
+            skaddr,
+            oldstate,
+            newstate,
             family,
             sport: tp(&ctx, TP_SPORT),
             dport: tp(&ctx, TP_DPORT),
             saddr,
             daddr,
         };
-        if left_to_sock_ops(&c) {
-            count_sockops(SOCKOPS_HANDED_OFF);
-            return 0;
-        }
         if !wanted(family, &c.saddr, &c.daddr, c.sport, c.dport) {
             return 0;
         }
@@ -295,16 +297,16 @@ pub fn tcptrace_state(ctx: TracePointContext) -> u32 {
 /// race to the established hash going to CLOSE) and another tool can set
 /// the flag where tcptrace's program does not run.
 #[inline(always)]
-fn left_to_sock_ops(c: &Change) -> bool {
+fn left_to_sock_ops(skaddr: u64, oldstate: i32, newstate: i32) -> bool {
     let Some(notes) = HANDLED.get_ptr_mut(0) else {
         return false;
     };
-    let states = handled_states(c.oldstate, c.newstate);
+    let states = handled_states(oldstate, newstate);
     // SAFETY: this CPU's notes, which only this CPU touches.
     let notes = unsafe { &mut *notes };
     let mut i = 0;
     while i < NOTES {
-        if notes[i].skaddr == c.skaddr && notes[i].states == states {
+        if notes[i].skaddr == skaddr && notes[i].states == states {
             notes[i].states = 0;
             return true;
         }
@@ -407,8 +409,9 @@ const BPF_SOCK_OPS_STATE_CB_FLAG: u8 = 4;
 
 /// On the cgroup v2 root: asks to follow each wanted TCP socket's state
 /// changes from its first callback on (a listener's children inherit the
-/// request), then emits them as the tracepoint program would. The socket's 4-tuple is
-/// read where the tracepoint reads it, so both emit the same event.
+/// request), then emits them as the tracepoint program would. The socket's
+/// 4-tuple is read where the tracepoint reads it, so both emit the same
+/// event.
 #[sock_ops]
 pub fn tcptrace_sockops(ctx: SockOpsContext) -> u32 {
     if SOCKOPS_ON.get(0).copied().unwrap_or(0) == 0 {
@@ -473,12 +476,12 @@ fn inet_saddr_sport(sk: u64) -> Result<(u32, u16), i32> {
     }
 }
 
-/// Whether to follow this socket's state changes: only the user's, so that
-/// other sockets cost the host no sock_ops run per change. The 4-tuple as
-/// the context has it (the bound local address, which is the tracepoint's
-/// but for a socket bound to any address).
+/// A socket's 4-tuple as the sock_ops context has it: (family, local and
+/// remote address, local and remote port in host order). The local
+/// address is the bound one, which is the tracepoint's but for an IPv4
+/// socket bound to any address. None for a family tcptrace does not trace.
 #[inline(always)]
-fn follow(ctx: &SockOpsContext) -> bool {
+fn ops_tuple(ctx: &SockOpsContext) -> Option<(u16, Addr, Addr, u16, u16)> {
     use aya_ebpf::bindings::bpf_sock_ops as Ops;
     use core::mem::offset_of;
     let family = ops_u32(ctx, offset_of!(Ops, family)) as u16;
@@ -493,11 +496,21 @@ fn follow(ctx: &SockOpsContext) -> bool {
             ops_addr6(ctx, offset_of!(Ops, remote_ip6)),
         )
     } else {
-        return false;
+        return None;
     };
     let lport = ops_u32(ctx, offset_of!(Ops, local_port)) as u16;
+    // The context shifts the big-endian port into the upper half.
     let rport = u16::from_be((ops_u32(ctx, offset_of!(Ops, remote_port)) >> 16) as u16);
-    wanted(family, &local, &remote, lport, rport)
+    Some((family, local, remote, lport, rport))
+}
+
+/// Whether to follow this socket's state changes: only the user's, so that
+/// other sockets cost the host no sock_ops run per change.
+#[inline(always)]
+fn follow(ctx: &SockOpsContext) -> bool {
+    ops_tuple(ctx).is_some_and(|(family, local, remote, lport, rport)| {
+        wanted(family, &local, &remote, lport, rport)
+    })
 }
 
 fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
@@ -517,35 +530,23 @@ fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
     if sk == 0 {
         return Ok(());
     }
-    let family = ops_u32(ctx, offset_of!(Ops, family)) as u16;
-    let (saddr_v6, daddr_v6) = if family == AF_INET6 {
-        (
-            ops_addr6(ctx, offset_of!(Ops, local_ip6)),
-            ops_addr6(ctx, offset_of!(Ops, remote_ip6)),
-        )
-    } else {
-        ([0; 4], [0; 4])
-    };
-    let daddr4 = ops_u32(ctx, offset_of!(Ops, remote_ip4));
-    let dport = ops_u32(ctx, offset_of!(Ops, remote_port));
-    let args = offset_of!(Ops, __bindgen_anon_1);
-    let (oldstate, newstate) = (ops_u32(ctx, args) as i32, ops_u32(ctx, args + 4) as i32);
-    let (saddr4, sport) = inet_saddr_sport(sk)?;
-    let (saddr, daddr): (Addr, Addr) = if family == AF_INET {
-        ([saddr4, 0, 0, 0], [daddr4, 0, 0, 0])
-    } else if family == AF_INET6 {
-        (saddr_v6, daddr_v6)
-    } else {
+    let Some((family, mut saddr, daddr, _, dport)) = ops_tuple(ctx) else {
         return Ok(());
     };
+    let args = offset_of!(Ops, __bindgen_anon_1);
+    let (oldstate, newstate) = (ops_u32(ctx, args) as i32, ops_u32(ctx, args + 4) as i32);
+    // The local port and IPv4 address where the tracepoint reads them.
+    let (saddr4, sport) = inet_saddr_sport(sk)?;
+    if family == AF_INET {
+        saddr[0] = saddr4;
+    }
     let c = Change {
         skaddr: sk,
         oldstate,
         newstate,
         family,
         sport,
-        // The context shifts the big-endian port into the upper half.
-        dport: u16::from_be((dport >> 16) as u16),
+        dport,
         saddr,
         daddr,
     };
