@@ -425,8 +425,13 @@ impl Tracer {
     ///   socket, as the kernel's count is; those the filter wants were
     ///   delivered.
     /// - `via_sock_ops`: changes the sock_ops program delivered.
-    pub fn skips(&self) -> Skips {
+    ///
+    /// `duplicates`: changes the tracepoint program emitted again, not
+    /// finding sock_ops's note (see `reader::Repeats`); it ran for them, so
+    /// they count as handed off.
+    pub fn skips(&self, duplicates: u64) -> Skips {
         let [seen, handed_off, emitted] = self.sock_ops_counts();
+        let handed_off = handed_off + duplicates;
         let rescued = seen.saturating_sub(handed_off);
         Skips {
             missed: self.skipped().saturating_sub(rescued) + handed_off.saturating_sub(seen),

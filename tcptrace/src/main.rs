@@ -480,6 +480,7 @@ async fn run_live(
             stats: stats.clone(),
             intake: intake.clone(),
             tx: tx.clone(),
+            repeats: reader::Repeats::default(),
         };
         readers.push(tokio::spawn(reader::read_ring(ring, r)));
     }
@@ -577,7 +578,7 @@ async fn run_live(
                     eprintln!("tcptrace: lost {} events (ring buffer full; raise --ring-size); {lost} in total", lost - lost_reported);
                     lost_reported = lost;
                 }
-                let missed = tracer.skips().missed;
+                let missed = tracer.skips(stats.duplicates.load(Ordering::Relaxed)).missed;
                 if missed > missed_reported {
                     eprintln!("tcptrace: the kernel skipped {} state changes (another BPF tracing program was running on that CPU); {missed} in total", missed - missed_reported);
                     missed_reported = missed;
@@ -674,17 +675,18 @@ async fn run_live(
     }
     let (claims, claimed_ms) = threads.claimed();
     let ring_full = tracer.lost();
+    let duplicates = stats.duplicates.load(Ordering::Relaxed);
     let Skips {
         missed,
         rescued,
         via_sock_ops,
-    } = tracer.skips();
+    } = tracer.skips(duplicates);
     let lost = ring_full + missed;
     let undecodable = stats.undecodable.load(Ordering::Relaxed);
     let unmatched = matcher.stats().unresolved_state_events;
     let tally = tally.into_inner();
     if mode == Mode::Json {
-        let mut summary = match serde_json::json!({"type": "summary", "events": events, "lost": lost, "ring_full": ring_full, "missed": missed, "rescued": rescued, "via_sock_ops": via_sock_ops, "undecodable": undecodable, "unmatched_state_changes": unmatched, "priority_claims": claims, "priority_claimed_ms": claimed_ms})
+        let mut summary = match serde_json::json!({"type": "summary", "events": events, "lost": lost, "ring_full": ring_full, "missed": missed, "rescued": rescued, "via_sock_ops": via_sock_ops, "duplicates": duplicates, "undecodable": undecodable, "unmatched_state_changes": unmatched, "priority_claims": claims, "priority_claimed_ms": claimed_ms})
         {
             serde_json::Value::Object(o) => o,
             _ => unreachable!("a JSON object literal"),
@@ -699,7 +701,7 @@ async fn run_live(
         eprintln!("tcptrace: a ring buffer was half full {claims} times; tcptrace ran at normal priority for {claimed_ms} ms of the run to keep up");
     }
     eprintln!(
-        "tcptrace: {events} events, {lost} lost{}{}",
+        "tcptrace: {events} events, {lost} lost{}{}{}",
         if lost > 0 {
             format!(" ({ring_full} ring buffer full, {missed} skipped by the kernel)")
         } else {
@@ -707,6 +709,11 @@ async fn run_live(
         },
         if undecodable > 0 {
             format!(", {undecodable} undecodable")
+        } else {
+            String::new()
+        },
+        if duplicates > 0 {
+            format!(", {duplicates} delivered twice (dropped)")
         } else {
             String::new()
         }

@@ -361,13 +361,13 @@ impl Progress {
 /// Maps keyed by record ids and kernel socket addresses, values no remote
 /// peer chooses: std's SipHash, built to resist chosen keys, was a visible
 /// share of a saturated live run.
-type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
 /// One multiply (the golden-ratio constant, as Fx and Fibonacci hashing
 /// use), then the well-mixed high bits rotated down: the table indexes by
 /// the low bits, and socket addresses are aligned, their low bits zero.
 #[derive(Default)]
-struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 
 impl Hasher for IdHasher {
     fn write(&mut self, bytes: &[u8]) {

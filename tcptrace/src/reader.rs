@@ -20,7 +20,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use crate::decode::{self, IfaceNames};
-use crate::event::Event;
+use crate::event::{Event, StateChange, TcpState};
+use crate::matcher::IdMap;
 use crate::render::{self, Clock, Mode};
 
 /// The events a reader took from its ring in one go, in ring order, on
@@ -56,6 +57,70 @@ impl Lines {
 #[derive(Default)]
 pub struct ReaderStats {
     pub undecodable: AtomicU64,
+    /// State changes delivered twice and dropped (see [`Repeats`]).
+    pub duplicates: AtomicU64,
+}
+
+/// Recognises a state change delivered twice. The sock_ops program emits a
+/// change and leaves a note on its CPU for the tracepoint's program, which
+/// runs next in the same tcp_set_state(); when the task moved to another CPU
+/// in between (the kernel preempts kernel code), that program finds no note
+/// and emits the change again: 2 in 1.7 million at scale. A repeat carries
+/// its own proof: the same socket and the same (old, new), and as its time
+/// in the old state the time since the first, which set the socket's entry
+/// time; or 0 at →CLOSE, where the first removed the socket's entry. No real
+/// change looks like that: a socket leaves a state before it can enter it
+/// again, and a new socket at a freed address starts from CLOSE or LISTEN.
+#[derive(Default)]
+pub struct Repeats {
+    /// Each socket's last change, for changes of the last
+    /// [`REPEAT_WINDOW_NS`] or so (a repeat comes within the time a
+    /// preempted task waits for a CPU).
+    last: IdMap<Last>,
+    swept_at: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Last {
+    ts_ns: u64,
+    old: TcpState,
+    new: TcpState,
+}
+
+const REPEAT_WINDOW_NS: u64 = 1_000_000_000;
+
+impl Repeats {
+    /// Whether `sc` repeats its socket's last change; remembers it if not.
+    pub fn is_repeat(&mut self, sc: &StateChange) -> bool {
+        let this = Last {
+            ts_ns: sc.ts_ns,
+            old: sc.oldstate,
+            new: sc.newstate,
+        };
+        if let Some(last) = self.last.get_mut(&sc.skaddr) {
+            let since = sc.ts_ns.wrapping_sub(last.ts_ns);
+            if last.old == sc.oldstate
+                && last.new == sc.newstate
+                && since < REPEAT_WINDOW_NS
+                && (sc.prev_state_ns == since
+                    || (sc.newstate == TcpState::Close && sc.prev_state_ns == 0))
+            {
+                return true;
+            }
+            *last = this;
+        } else {
+            self.last.insert(sc.skaddr, this);
+        }
+        // Forget what no repeat can refer to any more: the table holds the
+        // sockets that changed state in the last window or two, not every
+        // socket ever seen.
+        if sc.ts_ns.saturating_sub(self.swept_at) > REPEAT_WINDOW_NS {
+            self.last
+                .retain(|_, l| sc.ts_ns.saturating_sub(l.ts_ns) < REPEAT_WINDOW_NS);
+            self.swept_at = sc.ts_ns;
+        }
+        false
+    }
 }
 
 /// Where the readers' events enter the run: which are kept, how many may
@@ -196,6 +261,7 @@ pub struct Reader {
     pub stats: Arc<ReaderStats>,
     pub intake: Arc<Intake>,
     pub tx: mpsc::Sender<Msg>,
+    pub repeats: Repeats,
 }
 
 pub async fn read_ring(ring: RingBuf<MapData>, mut r: Reader) -> Result<()> {
@@ -237,6 +303,9 @@ impl Reader {
                 read += 1;
                 match decode::decode(&item, &self.names) {
                     Ok(ev) if !(self.intake.keep)(&ev) => {}
+                    Ok(Event::State(sc)) if self.repeats.is_repeat(&sc) => {
+                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
                     Ok(ev) => {
                         if self.mode != Mode::Timeline {
                             render::write_event(&mut lines.bytes, self.mode, &ev, &self.clock)?;
@@ -483,6 +552,107 @@ mod tests {
             Event::State(s) => s.pid,
             Event::Segment(_) => unreachable!(),
         }
+    }
+
+    /// A socket's state change as (skaddr, ts, old, new, time in old).
+    type Change = (u64, u64, TcpState, TcpState, u64);
+
+    fn change(c: Change) -> StateChange {
+        let Event::State(mut sc) = ev(c.1, 1) else {
+            unreachable!()
+        };
+        (sc.skaddr, sc.oldstate, sc.newstate, sc.prev_state_ns) = (c.0, c.2, c.3, c.4);
+        sc
+    }
+
+    /// (changes in ring order) → which of them `Repeats` drops.
+    #[test]
+    fn repeats_drops_a_change_delivered_twice_and_nothing_else() {
+        use TcpState::*;
+        const MS: u64 = 1_000_000;
+        let cases: Vec<(&str, Vec<Change>, Vec<bool>)> = vec![
+            (
+                "a connection's changes, none repeated",
+                vec![
+                    (1, 10, Close, SynSent, 0),
+                    (1, 20, SynSent, Established, 10),
+                    (1, 90, Established, FinWait1, 70),
+                    (1, 95, FinWait1, FinWait2, 5),
+                    (1, 99, FinWait2, Close, 4),
+                ],
+                vec![false; 5],
+            ),
+            (
+                "tracepoint after sock_ops on another CPU: time in old state is the time since",
+                vec![
+                    (1, 10, SynSent, Established, 10),
+                    (2, 12, Close, SynSent, 0),
+                    (1, 13, SynSent, Established, 3),
+                ],
+                vec![false, false, true],
+            ),
+            (
+                "a repeated close: sock_ops removed the socket's entry, so 0 in old state",
+                vec![(1, 10, FinWait2, Close, 4), (1, 11, FinWait2, Close, 0)],
+                vec![false, true],
+            ),
+            (
+                "the same change with another time in old state is a real one",
+                vec![
+                    (1, 10, SynSent, Established, 10),
+                    (1, 40, SynSent, Established, 7),
+                ],
+                vec![false, false],
+            ),
+            (
+                "a freed address reused, its first change from CLOSE",
+                vec![(1, 10, Close, SynSent, 0), (1, 50, Close, SynSent, 0)],
+                vec![false, false],
+            ),
+            (
+                "other sockets' changes between do not hide a repeat",
+                vec![
+                    (1, 10, Established, FinWait1, 9),
+                    (2, 11, Established, FinWait1, 9),
+                    (3, 12, Established, FinWait1, 9),
+                    (1, 5 * MS, Established, FinWait1, 5 * MS - 10),
+                ],
+                vec![false, false, false, true],
+            ),
+            (
+                "not past the window",
+                vec![
+                    (1, 10, FinWait2, Close, 4),
+                    (1, 10 + 2_000 * MS, FinWait2, Close, 0),
+                ],
+                vec![false, false],
+            ),
+        ];
+        for (name, changes, want) in cases {
+            let mut r = Repeats::default();
+            let got: Vec<bool> = changes
+                .into_iter()
+                .map(|c| r.is_repeat(&change(c)))
+                .collect();
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn repeats_forgets_sockets_past_the_window() {
+        let mut r = Repeats::default();
+        for s in 0..1_000 {
+            r.is_repeat(&change((s, s, TcpState::Close, TcpState::SynSent, 0)));
+        }
+        let later = 3 * REPEAT_WINDOW_NS;
+        r.is_repeat(&change((
+            u64::MAX,
+            later,
+            TcpState::Close,
+            TcpState::SynSent,
+            0,
+        )));
+        assert_eq!(r.last.len(), 1);
     }
 
     /// (arrival order as (ts, tag)) → tags in the order they come out.

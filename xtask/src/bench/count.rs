@@ -28,6 +28,9 @@ pub struct Output {
     /// sock_ops backup did not deliver (those it did are `rescued`).
     pub missed: Option<u64>,
     pub rescued: Option<u64>,
+    /// State changes delivered twice (sock_ops and the tracepoint), which
+    /// tcptrace dropped and counted.
+    pub duplicates: Option<u64>,
     /// tcptrace connection records, by end_reason.
     pub records: BTreeMap<String, u64>,
     /// "OLD->NEW" state transitions, when asked for.
@@ -140,6 +143,7 @@ pub fn tcptrace(path: &Path, transitions: bool) -> Result<Output> {
             o.state_gaps = Some(json::field_u64(&line, "state_gap").unwrap_or(0));
             o.missed = json::field_u64(&line, "missed");
             o.rescued = json::field_u64(&line, "rescued");
+            o.duplicates = json::field_u64(&line, "duplicates");
         }
     }
     o.chains.finish();

@@ -165,6 +165,7 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
     let lost = r.out.lost.unwrap_or(0);
     let missed = r.missed;
     let rescued = r.out.rescued.unwrap_or(0);
+    let duplicates = r.out.duplicates.unwrap_or(0);
     let unaccounted = expected as i64 - delivered as i64 - lost as i64 - missed as i64;
     let kb = |x: Option<u64>| x.unwrap_or(0);
     let peak = r.usage.maxrss_kb;
@@ -208,6 +209,7 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
          | events lost (reported) | {lost} |\n\
          | events skipped by the kernel and lost (tcptrace's `missed`: the state tracepoint's recursion_misses less what its sock_ops backup delivered) | {missed} |\n\
          | state changes the kernel skipped the tracepoint for, delivered by sock_ops (tcptrace's `rescued`) | {rescued} |\n\
+         | state changes delivered twice, dropped by tcptrace (`duplicates`) | {duplicates} |\n\
          | unaccounted | {unaccounted} |\n\
          | where state changes are missing: breaks inside a socket's chain / sockets whose last change seen is not CLOSE | {} / {} |\n\
          | holes tcptrace itself reports (`state_gap` anomalies in its connection records) | {} |\n\
@@ -294,6 +296,7 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
         .with("events_lost_reported", lost)
         .with("events_skipped_by_kernel", missed)
         .with("rescued_by_sock_ops", rescued)
+        .with("duplicates_dropped", duplicates)
         .with("events_unaccounted", unaccounted)
         .with("state_chain_breaks", r.out.chains.breaks)
         .with("sockets_unfinished", r.out.chains.unfinished_line())
