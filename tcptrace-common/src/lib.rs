@@ -133,8 +133,15 @@ pub struct Filter {
     /// kernel.
     pub off_task_tgid: u32,
     pub off_task_comm: u32,
-    pub _pad_off: u32,
+    /// Tests only (`FAULT_*`): makes the tracepoint program do what the
+    /// kernel does under load, which a test cannot make it do on demand.
+    pub fault: u32,
 }
+
+/// The tracepoint program passes over each socket's first change (CLOSE→
+/// SYN_SENT, CLOSE→LISTEN, a child's LISTEN→SYN_RECV), as when the kernel
+/// skips it, so that a test sees the sock_ops program make up for it.
+pub const FAULT_SKIP_FIRST_CHANGES: u32 = 1;
 
 impl Filter {
     pub const fn zeroed() -> Self {
@@ -160,7 +167,7 @@ impl Filter {
             off_inet_sport: 0,
             off_task_tgid: 0,
             off_task_comm: 0,
-            _pad_off: 0,
+            fault: 0,
         }
     }
 }

@@ -24,8 +24,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use tcptrace_common::{
     FlowKey, ListenKey, SegmentEvent, SockInfo, StateEvent, AF_INET, AF_INET6, DIR_EGRESS,
-    DIR_INGRESS, EVENT_SEGMENT, EVENT_STATE, MAX_PORTS, SOCKOPS_EMITTED, SOCKOPS_HANDED_OFF,
-    SOCKOPS_SEEN, TASK_COMM_LEN, TCP_OPTIONS_MAX,
+    DIR_INGRESS, EVENT_SEGMENT, EVENT_STATE, FAULT_SKIP_FIRST_CHANGES, MAX_PORTS, SOCKOPS_EMITTED,
+    SOCKOPS_HANDED_OFF, SOCKOPS_SEEN, TASK_COMM_LEN, TCP_OPTIONS_MAX,
 };
 
 /// Set by the CLI before load; read-only for the verifier, so disabled
@@ -261,6 +261,10 @@ pub fn tcptrace_state(ctx: TracePointContext) -> u32 {
             count_sockops(SOCKOPS_HANDED_OFF);
             return 0;
         }
+        // A constant to the verifier, which drops this when it is 0.
+        if filter().fault == FAULT_SKIP_FIRST_CHANGES && first_change(oldstate, newstate) {
+            return 0;
+        }
         let family: u16 = tp(&ctx, TP_FAMILY);
         let (saddr, daddr): (Addr, Addr) = if family == AF_INET {
             ([tp(&ctx, TP_SADDR), 0, 0, 0], [tp(&ctx, TP_DADDR), 0, 0, 0])
@@ -427,13 +431,21 @@ pub fn tcptrace_sockops(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB
-        | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
-        | BPF_SOCK_OPS_TCP_LISTEN_CB => {
-            let flags = ctx.cb_flags();
-            if flags & BPF_SOCK_OPS_STATE_CB_FLAG as u32 == 0 && follow(&ctx) {
-                let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG as u32) as i32);
+        op @ (BPF_SOCK_OPS_TCP_CONNECT_CB | BPF_SOCK_OPS_TCP_LISTEN_CB) => {
+            if follow(&ctx) {
+                follow_state_changes(&ctx);
+                // The change that led here is the tracepoint's alone.
+                let first = if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+                    TCP_SYN_SENT
+                } else {
+                    TCP_LISTEN
+                };
+                let _ = ops_first_change(&ctx, first);
+            }
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            if ctx.cb_flags() & BPF_SOCK_OPS_STATE_CB_FLAG as u32 == 0 && follow(&ctx) {
+                follow_state_changes(&ctx);
             }
         }
         BPF_SOCK_OPS_STATE_CB => {
@@ -442,6 +454,63 @@ pub fn tcptrace_sockops(ctx: SockOpsContext) -> u32 {
         _ => {}
     }
     1
+}
+
+#[inline(always)]
+fn follow_state_changes(ctx: &SockOpsContext) {
+    let flags = ctx.cb_flags();
+    if flags & BPF_SOCK_OPS_STATE_CB_FLAG as u32 == 0 {
+        let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG as u32) as i32);
+    }
+}
+
+/// A socket's first changes (CLOSE→SYN_SENT, CLOSE→LISTEN, a child's
+/// LISTEN→SYN_RECV) come before any callback that could ask to follow
+/// it, so only the tracepoint sees them, and the kernel can skip its
+/// program for them as for any other.
+#[inline(always)]
+fn first_change(old: i32, new: i32) -> bool {
+    matches!(
+        (old, new),
+        (TCP_CLOSE, TCP_SYN_SENT) | (TCP_CLOSE, TCP_LISTEN) | (TCP_LISTEN, TCP_SYN_RECV)
+    )
+}
+
+/// At connect's or listen's callback, just after CLOSE→SYN_SENT or
+/// CLOSE→LISTEN: see `rescue_first_change`. The change is described as the
+/// tracepoint would have: at SYN_SENT the local port is not chosen yet (0;
+/// the port bound before connect(), where there was one, is not told apart).
+#[inline(always)]
+fn ops_first_change(ctx: &SockOpsContext, new: i32) -> Result<(), i32> {
+    let sk = ops_sk(ctx)?;
+    let Some(mut c) = ops_change(ctx, sk, TCP_CLOSE, new)? else {
+        return Ok(());
+    };
+    if new == TCP_SYN_SENT {
+        c.sport = 0;
+    }
+    if wanted(c.family, &c.saddr, &c.daddr, c.sport, c.dport) {
+        rescue_first_change(ctx, c)?;
+    }
+    Ok(())
+}
+
+/// Emits a socket's first change (see `first_change`) when the tracepoint
+/// program left no trace of the socket: the kernel skipped it. The change
+/// comes a moment late (at the next callback: connect's, listen's, or the
+/// child's first state callback), with the owner the tracepoint program
+/// would have given it. Counted as seen and not handed off, so in
+/// `rescued`.
+#[inline(always)]
+fn rescue_first_change(ctx: &SockOpsContext, c: Change) -> Result<(), i32> {
+    if SOCKS.get_ptr(c.skaddr).is_some() {
+        return Ok(());
+    }
+    count_sockops(SOCKOPS_SEEN);
+    if state_change(ctx, c, current_owner_from_task)? {
+        count_sockops(SOCKOPS_EMITTED);
+    }
+    Ok(())
 }
 
 /// A 32-bit field of the sock_ops context. The verifier rewrites each load
@@ -522,7 +591,10 @@ fn follow(ctx: &SockOpsContext) -> bool {
     })
 }
 
-fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
+/// The socket of a sock_ops context, as a plain number (the key of the
+/// socket maps, and a base for reads).
+#[inline(always)]
+fn ops_sk(ctx: &SockOpsContext) -> Result<u64, i32> {
     use aya_ebpf::bindings::bpf_sock_ops as Ops;
     use core::mem::offset_of;
     // SAFETY: `ops` is the program's context; `sk` in it is the socket.
@@ -537,19 +609,29 @@ fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
     // SAFETY: reads 8 bytes of this stack slot.
     let sk: u64 = unsafe { bpf_probe_read_kernel(&slot as *const u64)? };
     if sk == 0 {
-        return Ok(());
+        return Err(0);
     }
+    Ok(sk)
+}
+
+/// A change of the context's socket as the tracepoint describes it; None
+/// for a family tcptrace does not trace.
+#[inline(always)]
+fn ops_change(
+    ctx: &SockOpsContext,
+    sk: u64,
+    oldstate: i32,
+    newstate: i32,
+) -> Result<Option<Change>, i32> {
     let Some((family, mut saddr, daddr, _, dport)) = ops_tuple(ctx) else {
-        return Ok(());
+        return Ok(None);
     };
-    let args = offset_of!(Ops, __bindgen_anon_1);
-    let (oldstate, newstate) = (ops_u32(ctx, args) as i32, ops_u32(ctx, args + 4) as i32);
     // The local port and IPv4 address where the tracepoint reads them.
     let (saddr4, sport) = inet_saddr_sport(sk)?;
     if family == AF_INET {
         saddr[0] = saddr4;
     }
-    let c = Change {
+    Ok(Some(Change {
         skaddr: sk,
         oldstate,
         newstate,
@@ -558,11 +640,34 @@ fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
         dport,
         saddr,
         daddr,
+    }))
+}
+
+fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
+    use aya_ebpf::bindings::bpf_sock_ops as Ops;
+    use core::mem::offset_of;
+    let sk = ops_sk(ctx)?;
+    let args = offset_of!(Ops, __bindgen_anon_1);
+    let (oldstate, newstate) = (ops_u32(ctx, args) as i32, ops_u32(ctx, args + 4) as i32);
+    let Some(c) = ops_change(ctx, sk, oldstate, newstate)? else {
+        return Ok(());
     };
     note_handled(sk, oldstate, newstate);
     count_sockops(SOCKOPS_SEEN);
-    if !wanted(family, &c.saddr, &c.daddr, c.sport, c.dport) {
+    if !wanted(c.family, &c.saddr, &c.daddr, c.sport, c.dport) {
         return Ok(());
+    }
+    if oldstate == TCP_SYN_RECV {
+        // A child's first state callback; its LISTEN→SYN_RECV was the
+        // tracepoint's alone.
+        rescue_first_change(
+            ctx,
+            Change {
+                oldstate: TCP_LISTEN,
+                newstate: TCP_SYN_RECV,
+                ..c
+            },
+        )?;
     }
     if state_change(ctx, c, current_owner_from_task)? {
         count_sockops(SOCKOPS_EMITTED);
@@ -571,6 +676,7 @@ fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
 }
 
 /// One TCP state change, as the tracepoint describes it (ports in host order).
+#[derive(Clone, Copy)]
 struct Change {
     skaddr: u64,
     oldstate: i32,

@@ -119,6 +119,11 @@ struct LiveArgs {
     /// skips the tracepoint for under load; see README, "Lost events").
     #[arg(long)]
     no_sock_ops: bool,
+    /// Tests only: the tracepoint program passes over each socket's first
+    /// change, as the kernel does when it skips the program under load, so
+    /// that a test can watch the sock_ops program make up for it.
+    #[arg(long, hide = true)]
+    fault_skip_first_changes: bool,
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
@@ -298,6 +303,9 @@ fn filter_from(a: &LiveArgs) -> Result<Filter> {
     }
     if let Some(a) = &a.raddr {
         put(a, &mut f.raddr_family, &mut f.raddr);
+    }
+    if a.fault_skip_first_changes {
+        f.fault = tcptrace_common::FAULT_SKIP_FIRST_CHANGES;
     }
     Ok(f)
 }
