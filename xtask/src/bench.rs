@@ -272,6 +272,8 @@ impl Run {
             j.set("segments", o.segments);
             j.set("lost_reported", o.lost);
             j.set("skipped_by_kernel", self.missed);
+            j.set("rescued_by_sock_ops", o.rescued);
+            j.set("duplicates_dropped", o.duplicates);
             j.set("summary_events", o.summary_events);
             j.set("undecodable", o.undecodable);
             j.set("priority_claimed_ms", o.priority_claimed_ms);
