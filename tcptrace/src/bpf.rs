@@ -97,6 +97,9 @@ pub struct Tracer {
     /// (netns inode, ifindex) → interface name, for output.
     pub iface_names: crate::decode::IfaceNames,
     pub uses_tcx: bool,
+    /// Whether the sock_ops backup is attached (and so whether a change
+    /// can be delivered twice, see `reader::Repeats`).
+    pub sock_ops: bool,
     state_file: Option<PathBuf>,
     /// Readers of the kernel side's aya-log ring, for [`crate::reader::forward_logs`].
     pub loggers: Vec<Logger>,
@@ -279,6 +282,7 @@ impl Tracer {
             instances: Vec::new(),
             iface_names: HashMap::new(),
             uses_tcx,
+            sock_ops: false,
             state_file: None,
             loggers: Vec::new(),
         };
@@ -331,8 +335,9 @@ impl Tracer {
             }
         }
         if cfg.sock_ops && filter.off_inet_saddr != 0 {
-            if let Err(e) = attach_sock_ops(&mut ebpf) {
-                log::warn!("state changes the kernel skips under load can be lost: no sock_ops backup ({e:#})");
+            match attach_sock_ops(&mut ebpf) {
+                Ok(()) => tracer.sock_ops = true,
+                Err(e) => log::warn!("state changes the kernel skips under load can be lost: no sock_ops backup ({e:#})"),
             }
         }
         let home_ns = Netns::current()?;

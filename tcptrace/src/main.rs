@@ -488,7 +488,7 @@ async fn run_live(
             stats: stats.clone(),
             intake: intake.clone(),
             tx: tx.clone(),
-            repeats: reader::Repeats::default(),
+            repeats: tracer.sock_ops.then(reader::Repeats::default),
         };
         readers.push(tokio::spawn(reader::read_ring(ring, r)));
     }

@@ -66,11 +66,13 @@ pub struct ReaderStats {
 /// runs next in the same tcp_set_state(); when the task moved to another CPU
 /// in between (the kernel preempts kernel code), that program finds no note
 /// and emits the change again: 2 in 1.7 million at scale. A repeat carries
-/// its own proof: the same socket and the same (old, new), and as its time
-/// in the old state the time since the first, which set the socket's entry
-/// time; or 0 at →CLOSE, where the first removed the socket's entry. No real
-/// change looks like that: a socket leaves a state before it can enter it
-/// again, and a new socket at a freed address starts from CLOSE or LISTEN.
+/// its own proof: the same socket, ports and (old, new), and as its time in
+/// the old state the time since the first, which set the socket's entry
+/// time; or 0 at →CLOSE, where the first removed the socket's entry. A
+/// socket leaves a state before it can enter it again, so a real change
+/// looks like that only at a freed address reused, within the window, by a
+/// socket of the same ports making the same change: its earlier
+/// changes would have to have gone unseen too.
 #[derive(Default)]
 pub struct Repeats {
     /// Each socket's last change, for changes of the last
@@ -85,6 +87,7 @@ struct Last {
     ts_ns: u64,
     old: TcpState,
     new: TcpState,
+    ports: (u16, u16),
 }
 
 const REPEAT_WINDOW_NS: u64 = 1_000_000_000;
@@ -96,11 +99,13 @@ impl Repeats {
             ts_ns: sc.ts_ns,
             old: sc.oldstate,
             new: sc.newstate,
+            ports: (sc.sport, sc.dport),
         };
         if let Some(last) = self.last.get_mut(&sc.skaddr) {
             let since = sc.ts_ns.wrapping_sub(last.ts_ns);
             if last.old == sc.oldstate
                 && last.new == sc.newstate
+                && last.ports == this.ports
                 && since < REPEAT_WINDOW_NS
                 && (sc.prev_state_ns == since
                     || (sc.newstate == TcpState::Close && sc.prev_state_ns == 0))
@@ -261,7 +266,8 @@ pub struct Reader {
     pub stats: Arc<ReaderStats>,
     pub intake: Arc<Intake>,
     pub tx: mpsc::Sender<Msg>,
-    pub repeats: Repeats,
+    /// Only with the sock_ops backup, without which no change comes twice.
+    pub repeats: Option<Repeats>,
 }
 
 pub async fn read_ring(ring: RingBuf<MapData>, mut r: Reader) -> Result<()> {
@@ -302,10 +308,14 @@ impl Reader {
                 let Some(item) = ring.next() else { break };
                 read += 1;
                 match decode::decode(&item, &self.names) {
-                    Ok(ev) if !(self.intake.keep)(&ev) => {}
-                    Ok(Event::State(sc)) if self.repeats.is_repeat(&sc) => {
+                    // Before `keep`: the count goes into the kernel side's
+                    // accounting, which covers every socket.
+                    Ok(Event::State(sc))
+                        if self.repeats.as_mut().is_some_and(|r| r.is_repeat(&sc)) =>
+                    {
                         self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                     }
+                    Ok(ev) if !(self.intake.keep)(&ev) => {}
                     Ok(ev) => {
                         if self.mode != Mode::Timeline {
                             render::write_event(&mut lines.bytes, self.mode, &ev, &self.clock)?;
@@ -636,6 +646,21 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "{name}");
         }
+    }
+
+    #[test]
+    fn repeats_keeps_a_reused_address_with_other_ports() {
+        let mut r = Repeats::default();
+        let first = change((1, 10, TcpState::SynRecv, TcpState::Close, 0));
+        assert!(!r.is_repeat(&first));
+        // Another child at the freed address, lost the same race at once.
+        let other = StateChange {
+            ts_ns: 12,
+            sport: first.sport + 1,
+            ..first.clone()
+        };
+        assert!(!r.is_repeat(&other));
+        assert!(r.is_repeat(&StateChange { ts_ns: 13, ..other }));
     }
 
     #[test]
