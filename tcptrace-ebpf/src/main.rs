@@ -516,6 +516,9 @@ fn first_change(old: i32, new: i32) -> bool {
 #[inline(always)]
 fn ops_first_change(ctx: &SockOpsContext, new: i32) -> Result<(), i32> {
     let sk = ops_sk(ctx)?;
+    if SOCKS.get_ptr(sk).is_some() {
+        return Ok(()); // the tracepoint program ran: the common case, settled early
+    }
     let Some(mut c) = ops_change(ctx, sk, TCP_CLOSE, new)? else {
         return Ok(());
     };
