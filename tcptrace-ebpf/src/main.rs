@@ -543,10 +543,17 @@ fn rescue_first_change(ctx: &SockOpsContext, c: Change) -> Result<bool, i32> {
         return Ok(false);
     }
     count_sockops(SOCKOPS_SEEN);
+    emit_from_sock_ops(ctx, c)?;
+    Ok(true)
+}
+
+/// Emits a change from the sock_ops program.
+#[inline(always)]
+fn emit_from_sock_ops(ctx: &SockOpsContext, c: Change) -> Result<(), i32> {
     if state_change(ctx, c, current_owner_from_task)? {
         count_sockops(SOCKOPS_EMITTED);
     }
-    Ok(true)
+    Ok(())
 }
 
 /// A 32-bit field of the sock_ops context. The verifier rewrites each load
@@ -710,10 +717,7 @@ fn sock_ops_state(ctx: &SockOpsContext) -> Result<(), i32> {
             }
         }
     }
-    if state_change(ctx, c, current_owner_from_task)? {
-        count_sockops(SOCKOPS_EMITTED);
-    }
-    Ok(())
+    emit_from_sock_ops(ctx, c)
 }
 
 /// One TCP state change, as the tracepoint describes it (ports in host order).

@@ -139,7 +139,10 @@ fn cgroup2_mounted() -> bool {
 /// cannot make it do on demand): sock_ops makes up for all three, and
 /// `check` holds again.
 fn loopback(addr: &str) {
-    let s = loopback_once(addr, &[]);
+    let s = settled(
+        || loopback_once(addr, &[]),
+        |s| !cgroup2_mounted() || (s["via_sock_ops"] == 9 && s["rescued"] == 0),
+    );
     if cgroup2_mounted() {
         // All but each socket's first change: the client's CLOSE→SYN_SENT,
         // the child's LISTEN→SYN_RECV and the listener's CLOSE→LISTEN.
@@ -148,7 +151,10 @@ fn loopback(addr: &str) {
             "state changes emitted by sock_ops: {s}"
         );
         assert_eq!(s["rescued"], 0, "{s}");
-        let s = loopback_once(addr, &["--fault-skip-first-changes"]);
+        let s = settled(
+            || loopback_once(addr, &["--fault-skip-first-changes"]),
+            |s| s["via_sock_ops"] == 12 && s["rescued"] == 3,
+        );
         assert_eq!(
             s["via_sock_ops"], 12,
             "state changes emitted by sock_ops: {s}"
@@ -208,34 +214,66 @@ fn a_filter_that_wants_a_child_but_not_its_listener_rescues_only_skips() {
         return;
     }
     for (fault, rescued) in [(false, 0), (true, 1)] {
-        let port = free_port();
-        let port_s = port.to_string();
-        let mut args = vec![
-            "--json",
-            "--no-wire",
-            "--port",
-            &port_s,
-            "--raddr",
-            "127.0.0.1",
-        ];
-        if fault {
-            args.push("--fault-skip-first-changes");
-        }
-        let t = Trace::start(&args);
-        let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let ex = active_close_exchange(None, None, server);
-        let events = t.stop();
+        let (events, client) = settled(
+            || raddr_once(fault),
+            |(events, _)| of_type(events, "summary")[0]["rescued"] == rescued,
+        );
         let states = of_type(&events, "state");
-        let client = states
-            .iter()
-            .find(|e| e["sport"] == ex.client_port && e["dport"] == port)
-            .and_then(|e| e["skaddr"].as_str())
-            .expect("the client's state changes");
-        assert_eq!(transitions(&states, client), CLIENT, "fault {fault}");
+        assert_eq!(transitions(&states, &client), CLIENT, "fault {fault}");
         let summary = &of_type(&events, "summary")[0];
         assert_eq!(summary["rescued"], rescued, "fault {fault}: {summary}");
         assert_eq!(summary["lost"], 0, "fault {fault}: {summary}");
     }
+}
+
+/// One `--raddr` exchange of the test above: its events and the client
+/// socket's address.
+fn raddr_once(fault: bool) -> (Vec<Value>, String) {
+    let port = free_port();
+    let port_s = port.to_string();
+    let mut args = vec![
+        "--json",
+        "--no-wire",
+        "--port",
+        &port_s,
+        "--raddr",
+        "127.0.0.1",
+    ];
+    if fault {
+        args.push("--fault-skip-first-changes");
+    }
+    let t = Trace::start(&args);
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let ex = active_close_exchange(None, None, server);
+    let events = t.stop();
+    let client = of_type(&events, "state")
+        .iter()
+        .find(|e| e["sport"] == ex.client_port && e["dport"] == port)
+        .and_then(|e| e["skaddr"].as_str())
+        .expect("the client's state changes")
+        .to_string();
+    (events, client)
+}
+
+/// How many times an exchange whose sock_ops counts are off is run again.
+/// Even a quiet exchange can meet a real skip: the kernel passes over the
+/// tracepoint program when a softirq lands on a CPU where a tracing program
+/// runs, and sock_ops then covers the change, which moves `rescued` (and
+/// `via_sock_ops`, for a first change) by one. A false rescue moves them in
+/// every attempt.
+const ATTEMPTS: usize = 3;
+
+/// Runs `once` until `ok` holds for what it returns, at most `ATTEMPTS`
+/// times; returns the last result, for the caller's assertions.
+fn settled<T>(once: impl Fn() -> T, ok: impl Fn(&T) -> bool) -> T {
+    let mut s = once();
+    for _ in 1..ATTEMPTS {
+        if ok(&s) {
+            break;
+        }
+        s = once();
+    }
+    s
 }
 
 #[test]
