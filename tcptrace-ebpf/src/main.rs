@@ -6,7 +6,8 @@
 //! - `tcptrace_sockops` (sock_ops, cgroup v2 root): the same events for the sockets it follows,
 //!   which the tracepoint program then leaves to it; the kernel can skip a tracepoint's program
 //!   under load, never this one.
-//! - `tcptrace_accept`, `tcptrace_accept4` (tracepoints syscalls:sys_exit_accept*): the
+//! - `tcptrace_fexit` (fexit on inet_accept), or where the kernel cannot attach it
+//!   `tcptrace_accept`, `tcptrace_accept4` (tracepoints syscalls:sys_exit_accept*): the
 //!   accepting process becomes a child's owner.
 //! - `tcptrace_in`, `tcptrace_eg` (TC classifiers): one `SegmentEvent` per control segment (SYN, FIN,
 //!   RST, and the pure ACKs that complete a handshake or acknowledge a FIN).
@@ -16,9 +17,9 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
-    macros::{classifier, map, sock_ops, tracepoint},
+    macros::{classifier, fexit, map, sock_ops, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SockOpsContext, TcContext, TracePointContext},
+    programs::{FExitContext, SockOpsContext, TcContext, TracePointContext},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
@@ -886,9 +887,32 @@ fn state_change<C: EbpfContext>(
 }
 
 /// accept() runs in the process that takes the child: it is the owner from
-/// now on. fentry/fexit (tracing programs) are not available on every kernel
-/// (nor kprobes), so this reads the returned descriptor's socket at syscall
-/// exit instead: task->files->fdt->fd[ret]->private_data->sk.
+/// now on. At the return of inet_accept (every TCP accept: accept(2),
+/// accept4(2), io_uring's), whose second argument is the new `struct
+/// socket`, grafted onto the child when the accept succeeded: one read. An
+/// fexit program costs only the accepts; a syscall-exit tracepoint, the
+/// fallback below, sends every syscall of every process on the host through
+/// the kernel's slow exit path while it is attached.
+#[fexit(function = "inet_accept")]
+pub fn tcptrace_fexit(ctx: FExitContext) -> i32 {
+    let f = filter();
+    if f.off_socket_sk == 0 {
+        return 0;
+    }
+    let newsock: u64 = ctx.arg(1);
+    // SAFETY: read with bpf_probe_read_kernel, which fails cleanly on a bad
+    // address; a failed accept left the new socket's `sk` NULL.
+    if let Ok(sk) =
+        unsafe { bpf_probe_read_kernel((newsock + f.off_socket_sk as u64) as *const u64) }
+    {
+        take_ownership(sk);
+    }
+    0
+}
+
+/// Where fexit cannot attach (a kernel without BPF trampolines), this reads
+/// the returned descriptor's socket at syscall exit instead:
+/// task->files->fdt->fd[ret]->private_data->sk.
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn tcptrace_accept4(ctx: TracePointContext) -> u32 {
     let _ = try_accept(&ctx);
@@ -924,15 +948,24 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
         let sock: u64 =
             bpf_probe_read_kernel((file + f.off_file_private_data as u64) as *const u64)?;
         let sk: u64 = bpf_probe_read_kernel((sock + f.off_socket_sk as u64) as *const u64)?;
-        // Only sockets already tracked (so filtered ones stay untouched).
-        if let Some(info) = SOCKS.get_ptr_mut(sk) {
-            let owner = current_owner(0);
+        take_ownership(sk);
+    }
+    Ok(())
+}
+
+/// The current process accepted `sk`: its owner from now on.
+#[inline(always)]
+fn take_ownership(sk: u64) {
+    // Only sockets already tracked (so filtered ones stay untouched).
+    if let Some(info) = SOCKS.get_ptr_mut(sk) {
+        let owner = current_owner(0);
+        // SAFETY: the socket's entry in SOCKS.
+        unsafe {
             (*info).pid = owner.pid;
             (*info).comm = owner.comm;
             (*info).owner_known = 1;
         }
     }
-    Ok(())
 }
 
 // One pair of classifiers per link-layer framing: `tcptrace_in`/`tcptrace_eg` for interfaces with an

@@ -33,7 +33,9 @@ pub const PROG_STATE: &str = "tcptrace_state";
 /// The sock_ops program that backs the state tracepoint up (see the eBPF
 /// source, `left_to_sock_ops`).
 const PROG_SOCK_OPS: &str = "tcptrace_sockops";
-/// Syscall-exit tracepoints for accept() and accept4().
+/// At the return of inet_accept: the accepting process owns the child.
+const PROG_ACCEPT_FEXIT: &str = "tcptrace_fexit";
+/// The fallback: syscall-exit tracepoints for accept() and accept4().
 const PROGS_ACCEPT: [(&str, &str); 2] = [
     ("tcptrace_accept", "sys_exit_accept"),
     ("tcptrace_accept4", "sys_exit_accept4"),
@@ -72,6 +74,9 @@ pub struct TraceConfig {
     pub wire: bool,
     /// Back the state tracepoint up with a sock_ops program.
     pub sock_ops: bool,
+    /// Tests only: learn who accepted a socket at syscall exit, as on a
+    /// kernel that cannot attach fexit programs.
+    pub accept_at_syscall_exit: bool,
     /// Interfaces to watch; empty = every interface that is up.
     pub ifaces: Vec<String>,
     /// Other namespaces whose interfaces to watch (names or paths).
@@ -100,6 +105,8 @@ pub struct Tracer {
     /// Whether the sock_ops backup is attached (and so whether a change
     /// can be delivered twice, see `reader::Repeats`).
     pub sock_ops: bool,
+    /// How owners of accepted sockets are learned (the summary's `accept_hook`).
+    pub accept_hook: AcceptHook,
     state_file: Option<PathBuf>,
     /// Readers of the kernel side's aya-log ring, for [`crate::reader::forward_logs`].
     pub loggers: Vec<Logger>,
@@ -201,6 +208,67 @@ fn load_instance(cfg: &TraceConfig, filter: &Filter) -> Result<(Ebpf, Option<Log
     Ok((ebpf, logger))
 }
 
+/// How tcptrace learns which process accepted a socket (its owner from then
+/// on), as the summary's `accept_hook` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcceptHook {
+    /// fexit on inet_accept: costs only the accepts.
+    Fexit,
+    /// The syscall-exit tracepoints of accept() and accept4(), where fexit
+    /// cannot attach: while attached, every syscall on the host takes the
+    /// kernel's slow exit path.
+    Syscalls,
+    /// Neither: accepted sockets keep their listener's owner.
+    None,
+}
+
+impl AcceptHook {
+    pub fn name(self) -> &'static str {
+        match self {
+            AcceptHook::Fexit => "fexit",
+            AcceptHook::Syscalls => "syscalls",
+            AcceptHook::None => "none",
+        }
+    }
+}
+
+/// Attaches the accept hook: fexit where the kernel can (BTF and BPF
+/// trampolines), else the syscall-exit tracepoints.
+fn attach_accept(ebpf: &mut Ebpf, cfg: &TraceConfig) -> Result<AcceptHook> {
+    if !cfg.accept_at_syscall_exit {
+        let mut fexit = || -> Result<()> {
+            let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+            let prog: &mut aya::programs::FExit = program(ebpf, PROG_ACCEPT_FEXIT)?.try_into()?;
+            prog.load("inet_accept", &btf).context("loading")?;
+            prog.attach().context("attaching")?;
+            Ok(())
+        };
+        match fexit() {
+            Ok(()) => return Ok(AcceptHook::Fexit),
+            Err(e) => log::debug!(
+                "no fexit on inet_accept ({e:#}); the accept() syscalls' exit tracepoints instead"
+            ),
+        }
+    }
+    let mut attached = false;
+    for (name, tp_name) in PROGS_ACCEPT {
+        let tp: &mut TracePoint = program(ebpf, name)?.try_into()?;
+        tp.load()
+            .map_err(|e| explain_load_error(anyhow!(e).context(name)))?;
+        // Without syscall tracepoints (CONFIG_FTRACE_SYSCALLS) children
+        // keep their listener's owner; say so rather than fail.
+        match tp.attach("syscalls", tp_name) {
+            Ok(_) => attached = true,
+            Err(e) => log::warn!("cannot attach to syscalls:{tp_name} ({e}); accepted sockets keep their listener's owner"),
+        }
+    }
+    Ok(if attached {
+        AcceptHook::Syscalls
+    } else {
+        AcceptHook::None
+    })
+}
+
 /// Attaches the sock_ops program to the cgroup v2 root, where it sees every
 /// socket of the host (beside other programs there), then turns it on.
 fn attach_sock_ops(ebpf: &mut Ebpf) -> Result<()> {
@@ -283,6 +351,7 @@ impl Tracer {
             iface_names: HashMap::new(),
             uses_tcx,
             sock_ops: false,
+            accept_hook: AcceptHook::None,
             state_file: None,
             loggers: Vec::new(),
         };
@@ -324,16 +393,7 @@ impl Tracer {
             tp.attach("sock", "inet_sock_set_state")
                 .context("attaching to tracepoint sock:inet_sock_set_state")?;
         }
-        for (name, tp_name) in PROGS_ACCEPT {
-            let tp: &mut TracePoint = program(&mut ebpf, name)?.try_into()?;
-            tp.load()
-                .map_err(|e| explain_load_error(anyhow!(e).context(name)))?;
-            // Without syscall tracepoints (CONFIG_FTRACE_SYSCALLS) children
-            // keep their listener's owner; say so rather than fail.
-            if let Err(e) = tp.attach("syscalls", tp_name) {
-                log::warn!("cannot attach to syscalls:{tp_name} ({e}); accepted sockets keep their listener's owner");
-            }
-        }
+        tracer.accept_hook = attach_accept(&mut ebpf, cfg)?;
         if cfg.sock_ops && filter.off_inet_saddr != 0 {
             match attach_sock_ops(&mut ebpf) {
                 Ok(()) => tracer.sock_ops = true,

@@ -138,6 +138,7 @@ impl Net {
             ring_size: 4 << 20,
             wire: true,
             sock_ops: true,
+            accept_at_syscall_exit: false,
             ifaces: vec![CLIENT_IF.to_string(), SERVER_IF.to_string()],
             netns: vec![self.client_ns.clone(), self.server_ns.clone()],
         }

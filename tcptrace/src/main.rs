@@ -124,6 +124,10 @@ struct LiveArgs {
     /// that a test can watch the sock_ops program make up for it.
     #[arg(long, hide = true)]
     fault_skip_first_changes: bool,
+    /// Tests only: learn who accepted a socket at the accept() syscalls'
+    /// exit, as on a kernel that cannot attach fexit programs.
+    #[arg(long, hide = true)]
+    accept_at_syscall_exit: bool,
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
@@ -321,6 +325,7 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
         ring_size,
         wire: !a.no_wire,
         sock_ops: !a.no_sock_ops,
+        accept_at_syscall_exit: a.accept_at_syscall_exit,
         ifaces: a.ifaces.clone(),
         netns: a.netns.clone(),
     };
@@ -694,7 +699,7 @@ async fn run_live(
     let unmatched = matcher.stats().unresolved_state_events;
     let tally = tally.into_inner();
     if mode == Mode::Json {
-        let mut summary = match serde_json::json!({"type": "summary", "events": events, "lost": lost, "ring_full": ring_full, "missed": missed, "rescued": rescued, "via_sock_ops": via_sock_ops, "duplicates": duplicates, "undecodable": undecodable, "unmatched_state_changes": unmatched, "priority_claims": claims, "priority_claimed_ms": claimed_ms})
+        let mut summary = match serde_json::json!({"type": "summary", "events": events, "lost": lost, "ring_full": ring_full, "missed": missed, "rescued": rescued, "via_sock_ops": via_sock_ops, "duplicates": duplicates, "undecodable": undecodable, "unmatched_state_changes": unmatched, "priority_claims": claims, "priority_claimed_ms": claimed_ms, "accept_hook": tracer.accept_hook.name()})
         {
             serde_json::Value::Object(o) => o,
             _ => unreachable!("a JSON object literal"),

@@ -591,3 +591,108 @@ fn resume(t: &Trace) {
     // SAFETY: resuming our own child.
     unsafe { libc::kill(t.pid(), libc::SIGCONT) };
 }
+
+/// A child socket belongs to the process that accepted it, not to its
+/// listener's: a forked process accepts, and the child's changes made in
+/// softirq, on whichever task's behalf (ESTABLISHED→CLOSE_WAIT when the
+/// client's FIN arrives, sent from this process), name the accepting
+/// process; before accept() they name the listener's. Through the default
+/// accept hook (fexit on inet_accept, where the kernel can attach it), and
+/// through the accept() syscalls' exit, the fallback.
+#[test]
+fn an_accepted_socket_belongs_to_the_process_that_accepted_it() {
+    if !need_root("an_accepted_socket_belongs_to_the_process_that_accepted_it") {
+        return;
+    }
+    for at_syscall_exit in [false, true] {
+        let hook = accepted_by_another_process(at_syscall_exit);
+        if at_syscall_exit {
+            assert_eq!(hook, "syscalls");
+        } else {
+            assert!(hook == "fexit" || hook == "syscalls", "{hook}");
+            eprintln!("accept hook by default on this kernel: {hook}");
+        }
+    }
+}
+
+/// Returns the summary's `accept_hook`.
+fn accepted_by_another_process(at_syscall_exit: bool) -> String {
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd as _;
+    let port = free_port();
+    let port_s = port.to_string();
+    let mut args = vec!["--json", "--no-wire", "--port", &port_s];
+    if at_syscall_exit {
+        args.push("--accept-at-syscall-exit");
+    }
+    let t = Trace::start(&args);
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listener = TcpListener::bind(server).unwrap();
+    let client = TcpStream::connect(server).unwrap();
+    let cport = client.local_addr().unwrap().port();
+    // SAFETY: the child calls only async-signal-safe functions (accept,
+    // read, close, _exit) before it exits.
+    let accepter = unsafe { libc::fork() };
+    assert!(accepter >= 0, "fork failed");
+    if accepter == 0 {
+        unsafe {
+            // Its copy of the client's descriptor would keep the
+            // connection open.
+            libc::close(client.as_raw_fd());
+            let fd = libc::accept(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+            // Until the client's FIN: the child socket stays this
+            // process's while the FIN moves it to CLOSE_WAIT.
+            let mut b = 0u8;
+            let status = if fd >= 0 && libc::read(fd, (&mut b as *mut u8).cast(), 1) == 0 {
+                0
+            } else {
+                1
+            };
+            libc::close(fd);
+            libc::_exit(status);
+        }
+    }
+    // Time for the accept (the FIN would reach the child socket either way).
+    std::thread::sleep(Duration::from_millis(300));
+    drop(client);
+    let mut status = 0;
+    // SAFETY: waits for the process forked above.
+    assert_eq!(unsafe { libc::waitpid(accepter, &mut status, 0) }, accepter);
+    assert_eq!(
+        status, 0,
+        "the accepting process did not see the client's FIN"
+    );
+    drop(listener);
+    let events = t.stop();
+    let child: Vec<&Value> = of_type(&events, "state")
+        .into_iter()
+        .filter(|e| e["sport"] == port && e["dport"] == cport)
+        .collect();
+    let pid_at = |new: &str| -> u64 {
+        child
+            .iter()
+            .find(|e| e["newstate"] == new)
+            .unwrap_or_else(|| panic!("no change to {new} of the server's child in {child:#?}"))
+            ["pid"]
+            .as_u64()
+            .unwrap()
+    };
+    let (me, accepter) = (u64::from(std::process::id()), accepter as u64);
+    assert_eq!(
+        pid_at("ESTABLISHED"),
+        me,
+        "before accept(), the listener's owner"
+    );
+    assert_eq!(
+        pid_at("CLOSE_WAIT"),
+        accepter,
+        "after accept(), the accepting process"
+    );
+    assert_eq!(pid_at("LAST_ACK"), accepter);
+    let summary = of_type(&events, "summary");
+    summary[0]["accept_hook"].as_str().unwrap().to_string()
+}
