@@ -18,7 +18,7 @@ pub fn decimal(mut v: u64, d: &mut [u8; 20]) -> usize {
         }
         t
     };
-    let n = v.checked_ilog10().map_or(1, |l| l as usize + 1);
+    let n = digits(v);
     let mut i = n;
     while v >= 100 {
         let r = (v % 100) as usize * 2;
@@ -33,6 +33,28 @@ pub fn decimal(mut v: u64, d: &mut [u8; 20]) -> usize {
         d[0] = b'0' + v as u8;
     }
     n
+}
+
+/// How many decimal digits `v` has (1 for 0): a guess from its bit length,
+/// corrected by one compare (`ilog10` takes a chain of them).
+#[inline(always)]
+fn digits(v: u64) -> usize {
+    /// Powers of ten, 10^0 to 10^19.
+    const POW10: [u64; 20] = {
+        let mut t = [1u64; 20];
+        let mut i = 1;
+        while i < 20 {
+            t[i] = t[i - 1] * 10;
+            i += 1;
+        }
+        t
+    };
+    // 1233/4096 is just over log10(2): bits * 1233 >> 12 is the number of
+    // digits of 2^(bits-1), or one short of v's.
+    let v = v | 1;
+    let bits = 64 - v.leading_zeros() as usize;
+    let guess = (bits * 1233) >> 12;
+    guess + usize::from(v >= POW10[guess])
 }
 
 /// `ip` as `Display` prints it, left-aligned in `d`; returns its length.
@@ -143,6 +165,9 @@ mod tests {
             let t = 10u64.pow(p);
             values.extend([t - 1, t, t + 1]);
             values.extend(t.checked_mul(5).map(|f| f + 3));
+        }
+        for b in 0..64 {
+            values.extend([1u64 << b, (1u64 << b) - 1]);
         }
         for v in values {
             let mut d = [0; 20];

@@ -335,8 +335,10 @@ fn veth_ipv6_transitions() {
 /// A steady stream that would fill a 64 KiB ring (about 480 state changes)
 /// twice in 25 ms is read as it comes: the kernel must wake the reader in
 /// time (records submitted without a wakeup, read every 25 ms, lost a
-/// fifth to a third of this run on the host). Under emulation, the test
-/// VMs, the stream is slower.
+/// fifth to a third of this run on the host). Under emulation (the test
+/// VMs) the reader is what is slow, not the wakeup: the stream is paced
+/// slower there (once the accept hook stopped slowing every syscall down,
+/// the unchanged pace overran a 6.1 VM's reader in two runs of three).
 #[test]
 fn a_burst_wakes_the_reader_before_the_ring_fills() {
     if !need_root("a_burst_wakes_the_reader_before_the_ring_fills") {
@@ -355,7 +357,12 @@ fn a_burst_wakes_the_reader_before_the_ring_fills() {
     ]);
     // About 40 state changes per millisecond on the host.
     let conns = 300;
-    open_and_close(port, conns, Duration::from_micros(150));
+    let pause = if std::env::var_os("TCPTRACE_IN_VM").is_some() {
+        Duration::from_millis(1)
+    } else {
+        Duration::from_micros(150)
+    };
+    open_and_close(port, conns, pause);
     let events = t.stop();
     let summary = &of_type(&events, "summary")[0];
     let got = of_type(&events, "state").len() as u64;
