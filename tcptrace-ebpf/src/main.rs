@@ -910,9 +910,10 @@ pub fn tcptrace_fexit(ctx: FExitContext) -> i32 {
     0
 }
 
-/// Where fexit cannot attach (a kernel without BPF trampolines), this reads
-/// the returned descriptor's socket at syscall exit instead:
-/// task->files->fdt->fd[ret]->private_data->sk.
+/// Where the kernel will not load or attach the fexit program (no BPF
+/// trampolines, or a policy against tracing programs: EPERM on the
+/// development VM), this reads the returned descriptor's socket at syscall
+/// exit instead: task->files->fdt->fd[ret]->private_data->sk.
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn tcptrace_accept4(ctx: TracePointContext) -> u32 {
     let _ = try_accept(&ctx);

@@ -232,9 +232,14 @@ impl AcceptHook {
     }
 }
 
-/// Attaches the accept hook: fexit where the kernel can (BTF and BPF
-/// trampolines), else the syscall-exit tracepoints.
-fn attach_accept(ebpf: &mut Ebpf, cfg: &TraceConfig) -> Result<AcceptHook> {
+/// Attaches the accept hook: fexit where the kernel loads it (BTF, BPF
+/// trampolines, and no policy against tracing programs), else the
+/// syscall-exit tracepoints; each only with the offsets it reads, so that
+/// the summary never names a hook that does nothing.
+fn attach_accept(ebpf: &mut Ebpf, cfg: &TraceConfig, filter: &Filter) -> Result<AcceptHook> {
+    if filter.off_socket_sk == 0 {
+        return Ok(AcceptHook::None);
+    }
     if !cfg.accept_at_syscall_exit {
         let mut fexit = || -> Result<()> {
             let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
@@ -249,6 +254,10 @@ fn attach_accept(ebpf: &mut Ebpf, cfg: &TraceConfig) -> Result<AcceptHook> {
                 "no fexit on inet_accept ({e:#}); the accept() syscalls' exit tracepoints instead"
             ),
         }
+    }
+    if filter.off_task_files == 0 {
+        log::warn!("accepted sockets keep their listener's owner: no fexit on inet_accept, and this kernel's BTF lacks the descriptor walk the fallback needs");
+        return Ok(AcceptHook::None);
     }
     let mut attached = false;
     for (name, tp_name) in PROGS_ACCEPT {
@@ -359,16 +368,21 @@ impl Tracer {
         let mut filter = cfg.filter;
         filter.off_sk_net = off_sk_net;
         filter.off_net_ns_inum = off_net_ns_inum;
+        // Each accept hook runs only with what it reads (see `attach_accept`).
+        match btf::socket_sk_offset(&btf) {
+            Ok(sk) => filter.off_socket_sk = sk,
+            Err(e) => log::warn!("accept() will not refine socket owners: {e:#}"),
+        }
         match btf::accept_offsets(&btf) {
-            Ok([a, b, c, d, e]) => {
+            Ok([a, b, c, d]) => {
                 (
                     filter.off_task_files,
                     filter.off_files_fdt,
                     filter.off_fdt_fd,
-                ) = (a, b, c);
-                (filter.off_file_private_data, filter.off_socket_sk) = (d, e);
+                    filter.off_file_private_data,
+                ) = (a, b, c, d);
             }
-            Err(e) => log::warn!("accept() will not refine socket owners: {e:#}"),
+            Err(e) => log::debug!("no descriptor walk for the syscall-exit accept hook: {e:#}"),
         }
         match btf::byte_counter_offsets(&btf) {
             Ok((acked, received)) => {
@@ -393,7 +407,7 @@ impl Tracer {
             tp.attach("sock", "inet_sock_set_state")
                 .context("attaching to tracepoint sock:inet_sock_set_state")?;
         }
-        tracer.accept_hook = attach_accept(&mut ebpf, cfg)?;
+        tracer.accept_hook = attach_accept(&mut ebpf, cfg, &filter)?;
         if cfg.sock_ops && filter.off_inet_saddr != 0 {
             match attach_sock_ops(&mut ebpf) {
                 Ok(()) => tracer.sock_ops = true,

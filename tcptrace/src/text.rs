@@ -49,8 +49,9 @@ fn digits(v: u64) -> usize {
         }
         t
     };
-    // 1233/4096 is just over log10(2): bits * 1233 >> 12 is the number of
-    // digits of 2^(bits-1), or one short of v's.
+    // 1233/4096 is just under log10(2), so bits * 1233 >> 12 is never
+    // more than v's digit count and at most one less: one compare with the
+    // next power of ten settles it.
     let v = v | 1;
     let bits = 64 - v.leading_zeros() as usize;
     let guess = (bits * 1233) >> 12;
