@@ -183,7 +183,10 @@ pub struct SockInfo {
     pub comm: [u8; TASK_COMM_LEN],
     /// Namespace inode, read once when the socket is first seen.
     pub netns: u32,
-    pub _pad: u32,
+    /// The state it entered last (the kernel's TCP_* number), so that a
+    /// socket's first change can tell its own entry from one a freed
+    /// socket at the same address left (its →CLOSE unseen).
+    pub state: u32,
 }
 
 /// Owner of a listening socket, keyed by (netns, port), so that children

@@ -162,7 +162,7 @@ fn current_owner(ts_ns: u64) -> SockInfo {
         owner_known: 1,
         comm,
         netns: 0,
-        _pad: 0,
+        state: 0,
     }
 }
 
@@ -194,7 +194,7 @@ fn current_owner_from_task(ts_ns: u64) -> SockInfo {
         owner_known: 1,
         comm,
         netns: 0,
-        _pad: 0,
+        state: 0,
     }
 }
 
@@ -517,7 +517,7 @@ fn first_change(old: i32, new: i32) -> bool {
 #[inline(always)]
 fn ops_first_change(ctx: &SockOpsContext, new: i32) -> Result<(), i32> {
     let sk = ops_sk(ctx)?;
-    if SOCKS.get_ptr(sk).is_some() {
+    if first_change_seen(sk, new) {
         return Ok(()); // the tracepoint program ran: the common case, settled early
     }
     let Some(mut c) = ops_change(ctx, sk, TCP_CLOSE, new)? else {
@@ -540,12 +540,25 @@ fn ops_first_change(ctx: &SockOpsContext, new: i32) -> Result<(), i32> {
 /// `rescued`. True when it was made up for.
 #[inline(always)]
 fn rescue_first_change(ctx: &SockOpsContext, c: Change) -> Result<bool, i32> {
-    if SOCKS.get_ptr(c.skaddr).is_some() {
+    if first_change_seen(c.skaddr, c.newstate) {
         return Ok(false);
     }
     count_sockops(SOCKOPS_SEEN);
     emit_from_sock_ops(ctx, c)?;
     Ok(true)
+}
+
+/// Whether the tracepoint program saw a socket's first change into `new`:
+/// it left the socket an entry in that state. An entry in another state is
+/// a freed socket's at the same address (its →CLOSE unseen), no sign that
+/// this socket's change was seen.
+#[inline(always)]
+fn first_change_seen(sk: u64, new: i32) -> bool {
+    match SOCKS.get_ptr(sk) {
+        // SAFETY: the socket's entry in SOCKS.
+        Some(info) => unsafe { (*info).state == new as u32 },
+        None => false,
+    }
 }
 
 /// Emits a change from the sock_ops program.
@@ -771,7 +784,11 @@ fn state_change<C: EbpfContext>(
         // below, since an insert into an LRU map takes a fresh element from
         // the free list and returns the old one, at every state change.
         let slot = SOCKS.get_ptr_mut(skaddr);
-        let known = slot.map(|p| *p);
+        // A socket's first change starts it afresh: an entry at its address
+        // is a freed socket's whose →CLOSE went unseen (its owner, namespace
+        // and time are not this socket's).
+        let fresh = oldstate == TCP_CLOSE || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
+        let known = if fresh { None } else { slot.map(|p| *p) };
         // A socket never changes namespace: two pointer reads at its first
         // state change, none after.
         let netns = match known {
@@ -873,6 +890,7 @@ fn state_change<C: EbpfContext>(
             let _ = LISTENERS.remove(listen_key);
         }
         info.ts_ns = now;
+        info.state = newstate as u32;
         match slot {
             _ if newstate == TCP_CLOSE => {
                 let _ = SOCKS.remove(skaddr);
