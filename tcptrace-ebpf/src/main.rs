@@ -787,8 +787,11 @@ fn state_change<C: EbpfContext>(
         // A socket's first change starts it afresh: an entry at its address
         // is a freed socket's whose →CLOSE went unseen (its owner, namespace
         // and time are not this socket's).
-        let fresh = oldstate == TCP_CLOSE || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
-        let known = if fresh { None } else { slot.map(|p| *p) };
+        let known = if first_change(oldstate, newstate) {
+            None
+        } else {
+            slot.map(|p| *p)
+        };
         // A socket never changes namespace: two pointer reads at its first
         // state change, none after.
         let netns = match known {

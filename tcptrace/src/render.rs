@@ -469,15 +469,9 @@ impl<'a> Json<'a> {
         match ip {
             IpAddr::V4(v4) => self.keyed::<18>(key, |d| {
                 d[0] = b'"';
-                let n = quoted_ipv4(v4, d);
-                n + 1
+                quoted_ipv4(v4, d) + 1
             }),
-            IpAddr::V6(v6) => {
-                self.raw(key);
-                self.raw(b"\"");
-                self.display(v6);
-                self.raw(b"\"");
-            }
+            IpAddr::V6(v6) => self.display(key, v6),
         }
     }
 
@@ -494,22 +488,18 @@ impl<'a> Json<'a> {
                 d[n + 1 + p] = b'"';
                 n + p + 2
             }),
-            SocketAddr::V6(_) => {
-                self.raw(key);
-                self.raw(b"\"");
-                self.display(addr);
-                self.raw(b"\"");
-            }
+            SocketAddr::V6(_) => self.display(key, addr),
         }
     }
 
-    /// Through `fmt`, into a scratch buffer: the line's buffer past `pos`
-    /// is not to be appended to.
-    fn display(&mut self, v: impl fmt::Display) {
+    /// `key` and `"v"` as `Display` prints it (an address: nothing to
+    /// escape), through `fmt` into a scratch buffer: the line's buffer past
+    /// `pos` is not to be appended to.
+    fn display(&mut self, key: &[u8], v: impl fmt::Display) {
         use io::Write as _;
         let mut scratch = Vec::with_capacity(64);
         write!(scratch, "{v}").expect("writing to a Vec");
-        self.raw(&scratch);
+        self.quoted(key, &scratch);
     }
 
     /// A JSON string; serde_json's escaping only when a byte needs it.
