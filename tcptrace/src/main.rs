@@ -85,6 +85,12 @@ struct OutputArgs {
     /// One readable line per event as it arrives, instead of timelines.
     #[arg(long, global = true)]
     events: bool,
+    /// Leave the output in the page cache. By default, output to a regular
+    /// file leaves the page cache once it is on disk (the newest 16 MiB
+    /// stay), so that a long trace does not push out the host's own
+    /// cached files.
+    #[arg(long, global = true)]
+    keep_output_cached: bool,
 }
 
 #[derive(Args)]
@@ -158,6 +164,14 @@ enum Priority {
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    let sub_out = match &cli.cmd {
+        Some(Cmd::Pcap { out, .. }) => Some(*out),
+        Some(Cmd::Demo(d)) => Some(d.out),
+        _ => None,
+    };
+    if cli.out.keep_output_cached || sub_out.is_some_and(|o| o.keep_output_cached) {
+        tcptrace::output::keep_cached();
+    }
     let res = match cli.cmd {
         Some(Cmd::Pcap { file, out }) => pcap(&file, merge(cli.out, out)),
         Some(Cmd::Cleanup) => cleanup(),
@@ -180,6 +194,7 @@ fn merge(a: OutputArgs, b: OutputArgs) -> Mode {
     mode(OutputArgs {
         json: a.json || b.json,
         events: a.events || b.events,
+        keep_output_cached: a.keep_output_cached || b.keep_output_cached,
     })
 }
 
@@ -204,7 +219,7 @@ fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
     let map = tcptrace::pcap::CaptureFile::open(file)
         .with_context(|| format!("cannot read capture file {}", file.display()))?;
     let clock = Clock::epoch();
-    let mut out = BufWriter::with_capacity(OUT_BUFFER, std::io::stdout().lock());
+    let mut out = BufWriter::with_capacity(OUT_BUFFER, tcptrace::output::Stdout);
     let mut m = Matcher::new(MatcherConfig::default());
     let mut tally = Tally::default();
     // Matched as the file is read: memory is the matcher's, not the file's.

@@ -1,16 +1,20 @@
-//! The live run's connection records and summary, written on a thread of
-//! their own.
+//! Stage 5's last step: output to stdout. [`Stdout`] is what every mode
+//! writes through; [`Output`] writes the live run's connection records and
+//! summary on a thread of its own.
 //!
 //! Writing output is a good part of what tracing costs: every byte goes
 //! into the page cache, and on a VM whose host takes back idle guest memory
-//! a new page-cache page is a hypervisor fault (1-2 ns per byte measured on
-//! the bench VM, against 0.2 where pages are warm). The main thread, which
-//! matches, is the one that falls behind at saturation; with the write(2)s
-//! here it only renders. Lines reach the writer whole, in order: a chunk is
-//! handed over only between two writes, and every record is one write.
+//! a new page-cache page is a hypervisor fault (1.6-2.5 ns per byte measured
+//! on the bench VM, against 0.06 for a page already cached and 0.2 for one
+//! freed a moment before). The main thread, which matches, is the one that
+//! falls behind at saturation; with the write(2)s here it only renders.
+//! Lines reach the writer whole, in order: a chunk is handed over only
+//! between two writes, and every record is one write.
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use crate::priority::Threads;
@@ -40,7 +44,7 @@ impl Output {
             .name("tcptrace-out".into())
             .spawn(move || -> io::Result<()> {
                 threads.join();
-                let mut out = io::stdout();
+                let mut out = Stdout;
                 for mut chunk in rx {
                     out.write_all(&chunk)?;
                     chunk.clear();
@@ -115,5 +119,138 @@ impl Drop for Output {
             let _ = self.hand_over();
             let _ = self.close();
         }
+    }
+}
+
+/// stdout, with drop-behind when it is a regular file: once the disk has
+/// tcptrace's output, its pages leave the page cache (as with `dd
+/// oflag=nocache`), so that a long trace does not push the host's own
+/// cached files out, a few GB an hour at a busy host's rate. The newest
+/// [`DROP_LAG`] stay cached for whoever follows the file (`tail -f`).
+/// It also makes writing cheaper where fresh memory is dear: the next
+/// write(2)s take the pages just freed, not new ones (on the bench VM, a
+/// long trace into a new file took half the system CPU per event).
+/// `--keep-output-cached` turns it off.
+///
+/// Each `write_all` is one write under stdout's lock, so lines written
+/// by different threads never interleave.
+pub struct Stdout;
+
+/// Bytes written between two drops.
+const DROP_EVERY: u64 = 4 << 20;
+/// The newest bytes of the file left in the page cache: the dirty ones
+/// and those just handed to the disk (writeback started at the drop
+/// before), which cannot be dropped yet, and what a reader following the
+/// file reads next.
+const DROP_LAG: u64 = 16 << 20;
+
+/// Leaves what tcptrace writes in the page cache (`--keep-output-cached`).
+/// Call before the first write.
+pub fn keep_cached() {
+    KEEP.store(true, Ordering::Relaxed);
+}
+
+static KEEP: AtomicBool = AtomicBool::new(false);
+
+struct DropBehind {
+    /// Where tcptrace's output begins in the file: what was there before
+    /// (`>>`) is not tcptrace's to drop.
+    start: u64,
+    /// Bytes written since the last drop.
+    since: AtomicU64,
+}
+
+/// Some when stdout is a regular file and drop-behind is on.
+fn drop_behind() -> Option<&'static DropBehind> {
+    static STATE: OnceLock<Option<DropBehind>> = OnceLock::new();
+    STATE
+        .get_or_init(|| {
+            if KEEP.load(Ordering::Relaxed) {
+                return None;
+            }
+            let fd = io::stdout().as_raw_fd();
+            // SAFETY: fstat and fcntl on an open descriptor, with a valid out
+            // pointer; lseek does not move the position (SEEK_CUR, 0).
+            unsafe {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::fstat(fd, &mut st) != 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    return None;
+                }
+                // With O_APPEND the position moves to the end only at a write.
+                let start = if libc::fcntl(fd, libc::F_GETFL) & libc::O_APPEND != 0 {
+                    st.st_size
+                } else {
+                    libc::lseek(fd, 0, libc::SEEK_CUR)
+                };
+                Some(DropBehind {
+                    start: u64::try_from(start).ok()?,
+                    since: AtomicU64::new(0),
+                })
+            }
+        })
+        .as_ref()
+}
+
+impl DropBehind {
+    fn wrote(&self, n: usize) {
+        let since = self.since.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        if since < DROP_EVERY || self.since.swap(0, Ordering::Relaxed) < DROP_EVERY {
+            return;
+        }
+        let fd = io::stdout().as_raw_fd();
+        // SAFETY: lseek, sync_file_range and posix_fadvise take plain
+        // numbers; all three are hints here and their errors are ignored
+        // (a file system that cannot drop pages keeps them, as it would
+        // without this).
+        unsafe {
+            let Ok(end) = u64::try_from(libc::lseek(fd, 0, libc::SEEK_CUR)) else {
+                return;
+            };
+            // Writeback of the older half of the lag starts now, so that by
+            // the next drop those pages are clean and can go.
+            let write_to = end.saturating_sub(DROP_LAG / 2);
+            if write_to > self.start {
+                libc::sync_file_range(
+                    fd,
+                    self.start as i64,
+                    (write_to - self.start) as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+            let drop_to = end.saturating_sub(DROP_LAG);
+            if drop_to > self.start {
+                libc::posix_fadvise(
+                    fd,
+                    self.start as i64,
+                    (drop_to - self.start) as i64,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
+    }
+}
+
+impl Write for Stdout {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        // Looked at before the first write: where tcptrace's output starts.
+        let d = drop_behind();
+        let n = io::stdout().lock().write(b)?;
+        if let Some(d) = d {
+            d.wrote(n);
+        }
+        Ok(n)
+    }
+
+    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        let d = drop_behind();
+        io::stdout().lock().write_all(b)?;
+        if let Some(d) = d {
+            d.wrote(b.len());
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().flush()
     }
 }
