@@ -132,6 +132,13 @@ impl Drop for Output {
 /// long trace into a new file took half the system CPU per event).
 /// `--keep-output-cached` turns it off.
 ///
+/// The writers only count bytes and wake the `tcptrace-drop` thread, which
+/// starts the writeback and drops pages: starting writeback can wait on
+/// the file system (ext4's journal), and a ring's reader that waited on
+/// the disk would lose events. That thread runs as `SCHED_IDLE`, on CPU
+/// time nothing else wants; on a host that leaves none, pages stay cached
+/// as they would without drop-behind, for the kernel to reclaim.
+///
 /// Each `write_all` is one write under stdout's lock, so lines written
 /// by different threads never interleave.
 pub struct Stdout;
@@ -153,14 +160,14 @@ pub fn keep_cached() {
 static KEEP: AtomicBool = AtomicBool::new(false);
 
 struct DropBehind {
-    /// Where tcptrace's output begins in the file: what was there before
-    /// (`>>`) is not tcptrace's to drop.
-    start: u64,
-    /// Bytes written since the last drop.
+    /// Bytes written since the dropper was last woken.
     since: AtomicU64,
+    /// Wakes the dropper; holds at most one wakeup, never blocks a writer.
+    wake: SyncSender<()>,
 }
 
-/// Some when stdout is a regular file and drop-behind is on.
+/// Some when stdout is a regular file and drop-behind is on; the first
+/// call starts the dropper.
 fn drop_behind() -> Option<&'static DropBehind> {
     static STATE: OnceLock<Option<DropBehind>> = OnceLock::new();
     STATE
@@ -168,64 +175,86 @@ fn drop_behind() -> Option<&'static DropBehind> {
             if KEEP.load(Ordering::Relaxed) {
                 return None;
             }
-            let fd = io::stdout().as_raw_fd();
-            // SAFETY: fstat and fcntl on an open descriptor, with a valid out
-            // pointer; lseek does not move the position (SEEK_CUR, 0).
-            unsafe {
-                let mut st: libc::stat = std::mem::zeroed();
-                if libc::fstat(fd, &mut st) != 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                    return None;
-                }
-                // With O_APPEND the position moves to the end only at a write.
-                let start = if libc::fcntl(fd, libc::F_GETFL) & libc::O_APPEND != 0 {
-                    st.st_size
-                } else {
-                    libc::lseek(fd, 0, libc::SEEK_CUR)
-                };
-                Some(DropBehind {
-                    start: u64::try_from(start).ok()?,
-                    since: AtomicU64::new(0),
-                })
-            }
+            let start = output_start()?;
+            let (wake, woken) = sync_channel(1);
+            std::thread::Builder::new()
+                .name("tcptrace-drop".into())
+                .spawn(move || dropper(start, woken))
+                .ok()?;
+            Some(DropBehind {
+                since: AtomicU64::new(0),
+                wake,
+            })
         })
         .as_ref()
+}
+
+/// Where tcptrace's output begins in stdout's file, None when stdout is
+/// not a regular file: what the file held before (`>>`) is not
+/// tcptrace's to drop.
+fn output_start() -> Option<u64> {
+    let fd = io::stdout().as_raw_fd();
+    // SAFETY: fstat and fcntl on an open descriptor, with a valid out
+    // pointer; lseek does not move the position (SEEK_CUR, 0).
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return None;
+        }
+        // With O_APPEND the position moves to the end only at a write.
+        let start = if libc::fcntl(fd, libc::F_GETFL) & libc::O_APPEND != 0 {
+            st.st_size
+        } else {
+            libc::lseek(fd, 0, libc::SEEK_CUR)
+        };
+        u64::try_from(start).ok()
+    }
+}
+
+/// The `tcptrace-drop` thread: at each wakeup, starts the writeback of the
+/// older half of the lag, so that by the next wakeup those pages are clean,
+/// and drops what is older than the lag. Ends with the process.
+fn dropper(start: u64, woken: Receiver<()>) {
+    let fd = io::stdout().as_raw_fd();
+    // SAFETY: sched_setscheduler on this thread (0) with a valid parameter;
+    // lowering a thread to SCHED_IDLE needs no privilege. lseek,
+    // sync_file_range and posix_fadvise take plain numbers; all are hints
+    // here and their errors are ignored (a file system that cannot drop
+    // pages keeps them, as it would without this).
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+        while woken.recv().is_ok() {
+            let Ok(end) = u64::try_from(libc::lseek(fd, 0, libc::SEEK_CUR)) else {
+                continue;
+            };
+            let write_to = end.saturating_sub(DROP_LAG / 2);
+            if write_to > start {
+                libc::sync_file_range(
+                    fd,
+                    start as i64,
+                    (write_to - start) as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+            let drop_to = end.saturating_sub(DROP_LAG);
+            if drop_to > start {
+                libc::posix_fadvise(
+                    fd,
+                    start as i64,
+                    (drop_to - start) as i64,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
+    }
 }
 
 impl DropBehind {
     fn wrote(&self, n: usize) {
         let since = self.since.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
-        if since < DROP_EVERY || self.since.swap(0, Ordering::Relaxed) < DROP_EVERY {
-            return;
-        }
-        let fd = io::stdout().as_raw_fd();
-        // SAFETY: lseek, sync_file_range and posix_fadvise take plain
-        // numbers; all three are hints here and their errors are ignored
-        // (a file system that cannot drop pages keeps them, as it would
-        // without this).
-        unsafe {
-            let Ok(end) = u64::try_from(libc::lseek(fd, 0, libc::SEEK_CUR)) else {
-                return;
-            };
-            // Writeback of the older half of the lag starts now, so that by
-            // the next drop those pages are clean and can go.
-            let write_to = end.saturating_sub(DROP_LAG / 2);
-            if write_to > self.start {
-                libc::sync_file_range(
-                    fd,
-                    self.start as i64,
-                    (write_to - self.start) as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
-            }
-            let drop_to = end.saturating_sub(DROP_LAG);
-            if drop_to > self.start {
-                libc::posix_fadvise(
-                    fd,
-                    self.start as i64,
-                    (drop_to - self.start) as i64,
-                    libc::POSIX_FADV_DONTNEED,
-                );
-            }
+        if since >= DROP_EVERY && self.since.swap(0, Ordering::Relaxed) >= DROP_EVERY {
+            let _ = self.wake.try_send(());
         }
     }
 }
