@@ -219,7 +219,7 @@ fn pcap(file: &std::path::Path, mode: Mode) -> Result<i32> {
     let map = tcptrace::pcap::CaptureFile::open(file)
         .with_context(|| format!("cannot read capture file {}", file.display()))?;
     let clock = Clock::epoch();
-    let mut out = BufWriter::with_capacity(OUT_BUFFER, tcptrace::output::Stdout);
+    let mut out = BufWriter::with_capacity(OUT_BUFFER, tcptrace::output::StdoutWriter);
     let mut m = Matcher::new(MatcherConfig::default());
     let mut tally = Tally::default();
     // Matched as the file is read: memory is the matcher's, not the file's.
@@ -352,6 +352,7 @@ fn live(a: LiveArgs, mode: Mode) -> Result<i32> {
         None => priority::yields_by_default(),
     };
     let threads = Threads::new(yielding);
+    tcptrace::output::drop_with(threads.clone());
     let rt = runtime(&threads)?;
     let signals = Signals::new(&rt)?;
     let tracer = Tracer::start(&cfg)?;
@@ -811,6 +812,7 @@ fn demo(a: DemoArgs, mode: Mode) -> Result<i32> {
     // their removal (Net's Drop) rather than the process dying with them.
     // The demo is its own workload: nothing to yield to.
     let threads = Threads::new(false);
+    tcptrace::output::drop_with(threads.clone());
     let rt = runtime(&threads)?;
     let signals = Signals::new(&rt)?;
     let net = demo::Net::create()?;

@@ -1,4 +1,4 @@
-//! Stage 5's last step: output to stdout. [`Stdout`] is what every mode
+//! Stage 5's last step: output to stdout. [`StdoutWriter`] is what every mode
 //! writes through; [`Output`] writes the live run's connection records and
 //! summary on a thread of its own.
 //!
@@ -44,7 +44,7 @@ impl Output {
             .name("tcptrace-out".into())
             .spawn(move || -> io::Result<()> {
                 threads.join();
-                let mut out = Stdout;
+                let mut out = StdoutWriter;
                 for mut chunk in rx {
                     out.write_all(&chunk)?;
                     chunk.clear();
@@ -126,29 +126,32 @@ impl Drop for Output {
 /// tcptrace's output, its pages leave the page cache (as with `dd
 /// oflag=nocache`), so that a long trace does not push the host's own
 /// cached files out, a few GB an hour at a busy host's rate. The newest
-/// [`DROP_LAG`] stay cached for whoever follows the file (`tail -f`).
-/// It also makes writing cheaper where fresh memory is dear: the next
-/// write(2)s take the pages just freed, not new ones (on the bench VM, a
-/// long trace into a new file took half the system CPU per event).
-/// `--keep-output-cached` turns it off.
+/// [`DROP_LAG`] to [`DROP_LAG`] + [`DROP_EVERY`] stay cached for whoever
+/// follows the file (`tail -f`). It also makes writing cheaper where fresh
+/// memory is dear: the next write(2)s take the pages just freed, not new
+/// ones (on the bench VM, a long trace into a new file took half the
+/// system CPU per event). `--keep-output-cached` turns it off.
 ///
 /// The writers only count bytes and wake the `tcptrace-drop` thread, which
 /// starts the writeback and drops pages: starting writeback can wait on
 /// the file system (ext4's journal), and a ring's reader that waited on
-/// the disk would lose events. That thread runs as `SCHED_IDLE`, on CPU
-/// time nothing else wants; on a host that leaves none, pages stay cached
-/// as they would without drop-behind, for the kernel to reclaim.
+/// the disk would lose events. That thread joins the live run's
+/// [`Threads`] (see [`drop_with`]): it yields the CPU with the readers and
+/// claims it back with them, so that a reader never waits at normal
+/// priority on a journal handle the dropper holds at a lower one. It
+/// never takes the file's position lock, which every write(2) takes (no
+/// lseek: the file's size says where the output ends).
 ///
 /// Each `write_all` is one write under stdout's lock, so lines written
 /// by different threads never interleave.
-pub struct Stdout;
+pub struct StdoutWriter;
 
-/// Bytes written between two drops.
+/// Bytes written between two wakeups of the dropper.
 const DROP_EVERY: u64 = 4 << 20;
 /// The newest bytes of the file left in the page cache: the dirty ones
-/// and those just handed to the disk (writeback started at the drop
-/// before), which cannot be dropped yet, and what a reader following the
-/// file reads next.
+/// and those whose writeback the last wakeup started (a page is dropped
+/// two wakeups after its writeback started, by when the disk has it), and
+/// what a reader following the file reads next.
 const DROP_LAG: u64 = 16 << 20;
 
 /// Leaves what tcptrace writes in the page cache (`--keep-output-cached`).
@@ -157,11 +160,18 @@ pub fn keep_cached() {
     KEEP.store(true, Ordering::Relaxed);
 }
 
+/// The live run's threads, which the dropper joins. Call before the first
+/// write; without it (`tcptrace pcap`) the dropper runs at normal priority.
+pub fn drop_with(threads: Arc<Threads>) {
+    let _ = THREADS.set(threads);
+}
+
 static KEEP: AtomicBool = AtomicBool::new(false);
+static THREADS: OnceLock<Arc<Threads>> = OnceLock::new();
 
 struct DropBehind {
-    /// Bytes written since the dropper was last woken.
-    since: AtomicU64,
+    /// Bytes tcptrace has written.
+    written: AtomicU64,
     /// Wakes the dropper; holds at most one wakeup, never blocks a writer.
     wake: SyncSender<()>,
 }
@@ -182,7 +192,7 @@ fn drop_behind() -> Option<&'static DropBehind> {
                 .spawn(move || dropper(start, woken))
                 .ok()?;
             Some(DropBehind {
-                since: AtomicU64::new(0),
+                written: AtomicU64::new(0),
                 wake,
             })
         })
@@ -194,72 +204,82 @@ fn drop_behind() -> Option<&'static DropBehind> {
 /// tcptrace's to drop.
 fn output_start() -> Option<u64> {
     let fd = io::stdout().as_raw_fd();
-    // SAFETY: fstat and fcntl on an open descriptor, with a valid out
-    // pointer; lseek does not move the position (SEEK_CUR, 0).
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        if libc::fstat(fd, &mut st) != 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return None;
-        }
-        // With O_APPEND the position moves to the end only at a write.
-        let start = if libc::fcntl(fd, libc::F_GETFL) & libc::O_APPEND != 0 {
-            st.st_size
-        } else {
-            libc::lseek(fd, 0, libc::SEEK_CUR)
+    let st = fstat(fd)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return None;
+    }
+    // SAFETY: fcntl and lseek take plain numbers; lseek(SEEK_CUR, 0) does
+    // not move the position.
+    let (flags, pos) = unsafe {
+        (
+            libc::fcntl(fd, libc::F_GETFL),
+            libc::lseek(fd, 0, libc::SEEK_CUR),
+        )
+    };
+    // With O_APPEND the position moves to the end only at a write.
+    let start = if flags & libc::O_APPEND != 0 {
+        st.st_size
+    } else {
+        pos
+    };
+    u64::try_from(start).ok()
+}
+
+fn fstat(fd: i32) -> Option<libc::stat> {
+    // SAFETY: a plain-old-data struct, filled by fstat on success.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out pointer; a bad descriptor only fails the call.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st)
+}
+
+/// The `tcptrace-drop` thread: at each wakeup, starts the writeback of all
+/// but the newest half of the lag and drops what is older than the lag.
+/// The hints' errors are ignored: a file system that cannot drop pages
+/// keeps them, as it would without this. Ends with the process.
+fn dropper(mut start: u64, woken: Receiver<()>) {
+    if let Some(t) = THREADS.get() {
+        t.join();
+    }
+    let fd = io::stdout().as_raw_fd();
+    while woken.recv().is_ok() {
+        let Some(end) = fstat(fd).and_then(|st| u64::try_from(st.st_size).ok()) else {
+            continue;
         };
-        u64::try_from(start).ok()
+        // Truncated under tcptrace (logrotate's copytruncate): what is
+        // there now is all tcptrace's.
+        if end < start {
+            start = 0;
+        }
+        // Writeback first: two wakeups later, when a page is older than
+        // the lag, the disk has it.
+        if let Some((off, len)) = span(start, end, DROP_LAG / 2) {
+            // SAFETY: plain numbers.
+            unsafe { libc::sync_file_range(fd, off, len, libc::SYNC_FILE_RANGE_WRITE) };
+        }
+        if let Some((off, len)) = span(start, end, DROP_LAG) {
+            // SAFETY: plain numbers.
+            unsafe { libc::posix_fadvise(fd, off, len, libc::POSIX_FADV_DONTNEED) };
+        }
     }
 }
 
-/// The `tcptrace-drop` thread: at each wakeup, starts the writeback of the
-/// older half of the lag, so that by the next wakeup those pages are clean,
-/// and drops what is older than the lag. Ends with the process.
-fn dropper(start: u64, woken: Receiver<()>) {
-    let fd = io::stdout().as_raw_fd();
-    // SAFETY: sched_setscheduler on this thread (0) with a valid parameter;
-    // lowering a thread to SCHED_IDLE needs no privilege. lseek,
-    // sync_file_range and posix_fadvise take plain numbers; all are hints
-    // here and their errors are ignored (a file system that cannot drop
-    // pages keeps them, as it would without this).
-    unsafe {
-        let param = libc::sched_param { sched_priority: 0 };
-        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
-        while woken.recv().is_ok() {
-            let Ok(end) = u64::try_from(libc::lseek(fd, 0, libc::SEEK_CUR)) else {
-                continue;
-            };
-            let write_to = end.saturating_sub(DROP_LAG / 2);
-            if write_to > start {
-                libc::sync_file_range(
-                    fd,
-                    start as i64,
-                    (write_to - start) as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
-            }
-            let drop_to = end.saturating_sub(DROP_LAG);
-            if drop_to > start {
-                libc::posix_fadvise(
-                    fd,
-                    start as i64,
-                    (drop_to - start) as i64,
-                    libc::POSIX_FADV_DONTNEED,
-                );
-            }
-        }
-    }
+/// (offset, length) from `start` to `lag` before `end`, if not empty: a
+/// length of 0 would mean "to the end of the file" to both hints.
+fn span(start: u64, end: u64, lag: u64) -> Option<(i64, i64)> {
+    let to = end.saturating_sub(lag);
+    (to > start).then(|| (start as i64, (to - start) as i64))
 }
 
 impl DropBehind {
     fn wrote(&self, n: usize) {
-        let since = self.since.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
-        if since >= DROP_EVERY && self.since.swap(0, Ordering::Relaxed) >= DROP_EVERY {
+        let before = self.written.fetch_add(n as u64, Ordering::Relaxed);
+        if (before + n as u64) / DROP_EVERY != before / DROP_EVERY {
             let _ = self.wake.try_send(());
         }
     }
 }
 
-impl Write for Stdout {
+impl Write for StdoutWriter {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         // Looked at before the first write: where tcptrace's output starts.
         let d = drop_behind();

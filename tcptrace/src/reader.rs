@@ -189,7 +189,7 @@ impl Intake {
         }
         let room = self.limit.map_or(u64::MAX, |l| l.saturating_sub(t.events));
         let n = n.min(usize::try_from(room).unwrap_or(usize::MAX));
-        if let Err(e) = crate::output::Stdout.write_all(lines.first(n)) {
+        if let Err(e) = crate::output::StdoutWriter.write_all(lines.first(n)) {
             t.error = Some(e);
             t.closed = true;
             self.failed.store(true, Ordering::Relaxed);

@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use tcptrace::event::TcpFlags as F;
 use tcptrace::pcap::build::{self, Conn};
 
-/// Connections in the capture: about 6 KB of JSON each, some 70 MiB in all,
-/// several times the 16 MiB tcptrace leaves cached.
+/// Connections in the capture: about 4.8 KB of JSON each, some 57 MiB in
+/// all, several times the 16 MiB tcptrace leaves cached.
 const CONNS: u64 = 12_000;
 const MIB: u64 = 1 << 20;
 
@@ -40,9 +40,9 @@ fn capture(dir: &Path) -> PathBuf {
 ///
 /// tcptrace drops only pages the disk has: it never waits for the disk,
 /// and a capture's output comes faster than a disk takes it. So that what
-/// is dropped does not depend on the disk's speed, a thread here has the
-/// file written out (fdatasync) over and over while tcptrace runs, as a
-/// disk that keeps up would.
+/// is dropped does not depend on the disk's speed, tcptrace is stopped
+/// every few milliseconds while its output so far is written out
+/// (fdatasync), as if the disk kept up.
 fn run_into(out: File, cap: &Path, extra: &[&str]) {
     let sync = out.try_clone().expect("dup the output");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
@@ -53,11 +53,17 @@ fn run_into(out: File, cap: &Path, extra: &[&str]) {
         .stderr(Stdio::null())
         .spawn()
         .expect("run tcptrace");
+    let pid = child.id() as libc::pid_t;
     let st = loop {
         if let Some(st) = child.try_wait().expect("wait for tcptrace") {
             break st;
         }
+        // SAFETY: kill with our own child's pid, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
         sync.sync_data().expect("fdatasync the output");
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        std::thread::sleep(std::time::Duration::from_millis(3));
     };
     assert!(st.success(), "tcptrace pcap: {st}");
 }
@@ -66,7 +72,8 @@ fn run_into(out: File, cap: &Path, extra: &[&str]) {
 fn cached(path: &Path, from: u64) -> u64 {
     let f = File::open(path).expect("open the output");
     let len = f.metadata().expect("stat").len();
-    let page = 4096u64;
+    // SAFETY: sysconf takes a plain number.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
     let pages = len.div_ceil(page) as usize;
     let mut vec = vec![0u8; pages];
     // SAFETY: a shared read-only mapping of `len` bytes of an open file,
@@ -102,19 +109,31 @@ fn on_disk(dir: &Path) -> bool {
     !matches!(s.f_type, libc::TMPFS_MAGIC | 0x8584_58f6)
 }
 
+/// The test's directory, removed however the test ends: its files are
+/// a few hundred MiB.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn output_to_a_file_leaves_the_page_cache_once_on_disk() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("output-cache");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    if !on_disk(&dir) {
+    let tmp = TempDir(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("output-cache-{}", std::process::id())),
+    );
+    let dir = &tmp.0;
+    std::fs::create_dir_all(dir).expect("temp dir");
+    if !on_disk(dir) {
         eprintln!(
             "skipped: {} is on tmpfs, where a file's pages are its only copy",
             dir.display()
         );
         return;
     }
-    let cap = capture(&dir);
+    let cap = capture(dir);
 
     let (dropped, kept) = (dir.join("dropped.json"), dir.join("kept.json"));
     run_into(File::create(&dropped).expect("create"), &cap, &[]);
@@ -135,13 +154,23 @@ fn output_to_a_file_leaves_the_page_cache_once_on_disk() {
         len > 48 * MIB,
         "only {len} bytes of output: too few to tell"
     );
+    let text = std::str::from_utf8(&out).expect("UTF-8 output");
+    let records = text
+        .lines()
+        .filter(|l| l.starts_with(r#"{"type":"connection""#))
+        .count() as u64;
+    let last: serde_json::Value = text
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_default();
     assert!(
-        out.ends_with(b"\n") && out.split(|&b| b == b'\n').count() as u64 > CONNS,
-        "the output is cut short"
+        records == CONNS && last["type"] == "summary",
+        "{records} connection records of {CONNS}, last line {last}: the output is cut short"
     );
 
-    // The newest 16 MiB stay, plus what was written since the last drop
-    // (4 MiB) and pages still being written out then.
+    // The newest 16 to 20 MiB stay, and pages the disk did not have yet at
+    // the last wakeup (written since the last fdatasync).
     assert!(
         c_dropped <= 32 * MIB,
         "{} of {} MiB still cached with drop-behind",
@@ -185,5 +214,4 @@ fn output_to_a_file_leaves_the_page_cache_once_on_disk() {
             && all[before.len()..] == out[..],
         "appending changed what was there or what was written"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
