@@ -86,8 +86,8 @@ struct OutputArgs {
     #[arg(long, global = true)]
     events: bool,
     /// Leave the output in the page cache. By default, output to a regular
-    /// file leaves the page cache once it is on disk (the newest 16 MiB
-    /// stay), so that a long trace does not push out the host's own
+    /// file leaves the page cache once it is on disk (the newest 16 to 20
+    /// MiB stay), so that a long trace does not push out the host's own
     /// cached files.
     #[arg(long, global = true)]
     keep_output_cached: bool,
