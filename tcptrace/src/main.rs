@@ -164,19 +164,11 @@ enum Priority {
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
-    let sub_out = match &cli.cmd {
-        Some(Cmd::Pcap { out, .. }) => Some(*out),
-        Some(Cmd::Demo(d)) => Some(d.out),
-        _ => None,
-    };
-    if cli.out.keep_output_cached || sub_out.is_some_and(|o| o.keep_output_cached) {
-        tcptrace::output::keep_cached();
-    }
     let res = match cli.cmd {
-        Some(Cmd::Pcap { file, out }) => pcap(&file, merge(cli.out, out)),
+        Some(Cmd::Pcap { file, out }) => pcap(&file, mode(merge(cli.out, out))),
         Some(Cmd::Cleanup) => cleanup(),
         Some(Cmd::Demo(d)) => {
-            let m = merge(cli.out, d.out);
+            let m = mode(merge(cli.out, d.out));
             demo(d, m)
         }
         None => live(cli.live, mode(cli.out)),
@@ -190,15 +182,20 @@ fn main() {
     }
 }
 
-fn merge(a: OutputArgs, b: OutputArgs) -> Mode {
-    mode(OutputArgs {
+/// The output flags given before and after the subcommand.
+fn merge(a: OutputArgs, b: OutputArgs) -> OutputArgs {
+    OutputArgs {
         json: a.json || b.json,
         events: a.events || b.events,
         keep_output_cached: a.keep_output_cached || b.keep_output_cached,
-    })
+    }
 }
 
+/// The output mode; also settles drop-behind, before anything is written.
 fn mode(o: OutputArgs) -> Mode {
+    if o.keep_output_cached {
+        tcptrace::output::keep_cached();
+    }
     if o.json {
         Mode::Json
     } else if o.events {

@@ -209,15 +209,13 @@ fn needs_escape(s: &str) -> bool {
         .fold(false, |e, c| e | (c < 0x20) | (c == b'"') | (c == b'\\'))
 }
 
-/// `"a.b.c.d` with its opening quote already in `d[0]`: the address at
-/// `d[1..]` and a closing quote after it; returns the length past the
-/// quote (address and closing quote).
+/// `"a.b.c.d`, an opening quote and the address, at the start of `d`;
+/// returns its length (what follows, `"` or `:port"`, is the caller's).
 #[inline(always)]
-fn quoted_ipv4(ip: Ipv4Addr, d: &mut [u8; 18]) -> usize {
-    let a: &mut [u8; 16] = (&mut d[1..17]).try_into().expect("16 bytes");
-    let n = crate::text::ipv4(ip, a);
-    d[1 + n] = b'"';
-    n + 1
+fn open_quoted_ipv4(ip: Ipv4Addr, d: &mut [u8; 17]) -> usize {
+    d[0] = b'"';
+    let a: &mut [u8; 16] = (&mut d[1..]).try_into().expect("16 bytes");
+    1 + crate::text::ipv4(ip, a)
 }
 
 /// A line assembled by `build`, then written out in one go.
@@ -468,8 +466,9 @@ impl<'a> Json<'a> {
     fn ip(&mut self, key: &[u8], ip: IpAddr) {
         match ip {
             IpAddr::V4(v4) => self.keyed::<18>(key, |d| {
-                d[0] = b'"';
-                quoted_ipv4(v4, d) + 1
+                let n = open_quoted_ipv4(v4, (&mut d[..17]).try_into().expect("17 bytes"));
+                d[n] = b'"';
+                n + 1
             }),
             IpAddr::V6(v6) => self.display(key, v6),
         }
@@ -480,8 +479,7 @@ impl<'a> Json<'a> {
     fn socket_addr(&mut self, key: &[u8], addr: SocketAddr) {
         match addr {
             SocketAddr::V4(v4) => self.keyed::<40>(key, |d| {
-                d[0] = b'"';
-                let n = quoted_ipv4(*v4.ip(), (&mut d[..18]).try_into().expect("18 bytes"));
+                let n = open_quoted_ipv4(*v4.ip(), (&mut d[..17]).try_into().expect("17 bytes"));
                 d[n] = b':';
                 let digits: &mut [u8; 20] = (&mut d[n + 1..n + 21]).try_into().expect("20 bytes");
                 let p = decimal(v4.port().into(), digits);
