@@ -50,9 +50,12 @@ pub struct BenchArgs {
     /// Seconds per storm run [default: 5, or 2 with --quick].
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
-    /// Storm client threads (the storm's server gets as many).
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
+    /// Storm client threads (the storm's server gets as many) [default: two
+    /// per CPU]. One per CPU leaves the CPUs 3-17 % idle while a thread
+    /// waits for the other CPU's softirq or wakeup, and how much moves with
+    /// the host's wakeup latency: the bench measures at saturation.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     /// Concurrent idle connections in the scale scenario [default: 100000,
     /// or 20000 with --quick].
     #[arg(long, value_name = "N")]
@@ -331,6 +334,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--rounds must be at least 1");
     }
     let duration = a.duration.unwrap_or(if a.quick { 2.0 } else { 5.0 });
+    let threads = a.threads.unwrap_or(2 * num_cpus());
+    if threads == 0 {
+        bail!("--threads must be at least 1");
+    }
     let scale_conns = a
         .scale_conns
         .unwrap_or(if a.quick { 20_000 } else { 100_000 });
@@ -378,7 +385,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             J::obj()
                 .with("rounds", a.rounds)
                 .with("duration_s", duration)
-                .with("threads", a.threads)
+                .with("threads", threads)
                 .with(
                     "scale_conns",
                     if a.no_scale { None } else { Some(scale_conns) },
@@ -412,7 +419,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if ctx.bins.tcpstates.is_some() && !a.no_tcpstates {
             cfgs.push(Cfg::Tcpstates);
         }
-        let (j, table, t) = storm_scenario(&ctx, &cfgs, a.rounds, duration, a.threads)?;
+        let (j, table, t) = storm_scenario(&ctx, &cfgs, a.rounds, duration, threads)?;
         report.set("storm", j);
         md.push_str(&table);
         targets.extend(t);
@@ -757,7 +764,7 @@ fn storm_scenario(
         }
     }
 
-    let (cost_j, cost_md) = ebpf_cost(ctx, &storm_args, pc, rounds)?;
+    let (cost_j, cost_md, cost) = ebpf_cost(ctx, &storm_args, pc, rounds)?;
     let write_after = page_cache_write(&ctx.dir, write_mib)?;
     eprintln!(
         "bench: writing {write_mib} MiB into new page-cache pages: {:.0} MB/s before the rounds, {:.0} MB/s after",
@@ -781,6 +788,9 @@ fn storm_scenario(
     let mut targets = Vec::new();
     // Per configuration: the machine's idle % and the tracer's % of a core.
     let mut shares: Vec<(Cfg, f64, f64)> = Vec::new();
+    // Per tcptrace configuration: (tracer CPU µs per connection, ratio).
+    let mut spent: Vec<(Cfg, f64, f64)> = Vec::new();
+    let mut cps_none = f64::NAN;
     for &cfg in cfgs {
         let rs: Vec<&Run> = runs.iter().filter(|r| r.cfg == cfg).collect();
         let cps = median(rs.iter().map(|r| r.conn_per_s).collect());
@@ -815,6 +825,7 @@ fn storm_scenario(
             s.set("machine_idle_pct", idle_pct);
             summary.set(cfg.key(), s);
             shares.push((cfg, idle_pct, f64::NAN));
+            cps_none = cps;
             continue;
         }
         let idle_u = idle.iter().find(|(c, _)| *c == cfg).map(|(_, u)| u);
@@ -873,6 +884,16 @@ fn storm_scenario(
         s.set("cpu_pct_of_core", core_pct);
         s.set("machine_idle_pct", idle_pct);
         shares.push((cfg, idle_pct, core_pct));
+        let us_per_conn = median(
+            rs.iter()
+                .filter_map(|r| {
+                    let cpu = (r.usage.as_ref()?.cpu_s - idle_cpu).max(0.0);
+                    Some(cpu / r.conns.max(1) as f64 * 1e6)
+                })
+                .collect(),
+        );
+        spent.push((cfg, us_per_conn, ratio));
+        s.set("cpu_us_per_connection", us_per_conn);
         s.set("idle_cpu_s", idle_cpu);
         s.set("peak_rss_mib", rss_mib);
         s.set("catch_up_s", drain);
@@ -961,8 +982,16 @@ fn storm_scenario(
             needs.join(", ")
         ));
     }
+    let (budget_md, budget_j) = budget(
+        cpus,
+        cps_none,
+        share(Cfg::None).map_or(f64::NAN, |s| s.1),
+        &cost,
+        &spent,
+    );
     let j = J::obj()
         .with("room_pct_of_core", room)
+        .with("budget", budget_j)
         .with("calibration", cal_j)
         .with("summary", summary)
         .with(
@@ -998,6 +1027,7 @@ fn storm_scenario(
          tcpstates' stdio buffer only reaches the file at exit).\n",
     );
     md.push_str(&cost_md);
+    md.push_str(&budget_md);
     md.push_str(&format!(
         "\nwrite(2) of {write_mib} MiB (about one wire run's output) into a new file next to the outputs: {:.0} MB/s ({:.2} ns of CPU per byte) \
          before the rounds, {:.0} MB/s ({:.2} ns per byte) right after them. Every tracer's output pays this per byte (at 780 bytes per event, \
@@ -1008,10 +1038,80 @@ fn storm_scenario(
     Ok((j, md, targets))
 }
 
+/// What the conn/s targets leave a tracer, per connection, against what
+/// tcptrace spends. At saturation every CPU µs a tracer spends on a
+/// connection (its eBPF programs in the storm's context, its own threads
+/// outside it) is a µs the storm does not get: with S the machine time one
+/// connection takes alone and C the tracer's, the ratio is S / (S + C), so
+/// a target ratio t allows C ≤ S (1/t − 1).
+fn budget(
+    cpus: f64,
+    cps_none: f64,
+    idle_pct_none: f64,
+    cost: &EbpfCost,
+    spent: &[(Cfg, f64, f64)],
+) -> (String, J) {
+    // The machine time one connection takes with no tracer, less the idle
+    // time it left.
+    let s_us = cpus * (1.0 - idle_pct_none / 100.0) / cps_none * 1e6;
+    let mut md = format!(
+        "\n### Budget per connection\n\n\
+         With no tracer one storm connection takes S = {s_us:.1} µs of the machine (both CPUs, less the idle time). \
+         At saturation a tracer that spends C µs per connection leaves the storm S / (S + C) of its rate, \
+         so a target ratio t allows C ≤ S (1/t − 1). eBPF is the programs' run time in the bpf_stats run (an upper bound for the programs themselves: the statistics add two clock reads to each run), \
+         without the TC programs for --no-wire; userspace is the tracer's own CPU (user+sys, net of start-up) per connection.\n\n\
+         \"taken from the storm\" is S (1/r − 1) at the measured ratio r: what the storm lost per connection, \
+         the programs' hooks (the tracepoint's record, the cgroup and syscall-exit paths) and the caches the tracer shares included.\n\n\
+         | configuration | target | allowed µs / conn | eBPF µs / conn | userspace µs / conn | spent µs / conn | predicted ratio | measured | taken from the storm µs / conn |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    let mut j = J::obj().with("storm_us_per_connection", s_us);
+    for &(cfg, user_us, measured) in spent {
+        let (target, ebpf_ns) = match cfg {
+            Cfg::NoWire => (0.90, cost.total_ns - cost.wire_ns),
+            Cfg::Wire => (0.85, cost.total_ns),
+            _ => continue,
+        };
+        let (allowed, ebpf_us) = (s_us * (1.0 / target - 1.0), ebpf_ns / 1e3);
+        let total = ebpf_us + user_us;
+        let predicted = s_us / (s_us + total);
+        let taken = s_us * (1.0 / measured - 1.0);
+        md.push_str(&format!(
+            "| {} | {target:.2} | {allowed:.1} | {ebpf_us:.1} | {user_us:.1} | {total:.1} | {predicted:.3} | {measured:.3} | {taken:.1} |\n",
+            cfg.label()
+        ));
+        j.set(
+            cfg.key(),
+            J::obj()
+                .with("target", target)
+                .with("allowed_us_per_connection", allowed)
+                .with("ebpf_us_per_connection", ebpf_us)
+                .with("userspace_us_per_connection", user_us)
+                .with("predicted_ratio", predicted)
+                .with("measured_ratio", measured)
+                .with("taken_from_storm_us_per_connection", taken),
+        );
+    }
+    (md, j)
+}
+
+/// The eBPF programs' cost per connection, in ns: all of them, and the wire's
+/// (TC) share.
+#[derive(Default)]
+struct EbpfCost {
+    total_ns: f64,
+    wire_ns: f64,
+}
+
 /// The eBPF programs' own cost, which the storm pays: one more wire-on run
 /// with the kernel's BPF run-time statistics on. They add two clock reads per
 /// program run, so the timed rounds leave them off.
-fn ebpf_cost(ctx: &Ctx, storm_args: &[String], pc: PerConn, round: usize) -> Result<(J, String)> {
+fn ebpf_cost(
+    ctx: &Ctx,
+    storm_args: &[String],
+    pc: PerConn,
+    round: usize,
+) -> Result<(J, String, EbpfCost)> {
     const KNOB: &str = "/proc/sys/kernel/bpf_stats_enabled";
     struct Restore(String);
     impl Drop for Restore {
@@ -1030,10 +1130,14 @@ fn ebpf_cost(ctx: &Ctx, storm_args: &[String], pc: PerConn, round: usize) -> Res
     );
     let mut progs = Vec::new();
     let mut total = 0.0;
+    let mut wire = 0.0;
     for (name, runs, ns) in &r.prog_stats {
         let per_run = *ns as f64 / *runs as f64;
         let per_conn = *ns as f64 / r.conns.max(1) as f64;
         total += per_conn;
+        if name.starts_with("tcptrace_in") || name.starts_with("tcptrace_eg") {
+            wire += per_conn;
+        }
         md.push_str(&format!(
             "| {name} | {runs} | {:.2} | {per_run:.0} | {per_conn:.0} |\n",
             *runs as f64 / r.conns.max(1) as f64
@@ -1054,6 +1158,10 @@ fn ebpf_cost(ctx: &Ctx, storm_args: &[String], pc: PerConn, round: usize) -> Res
             .with("ns_per_connection", total)
             .with("programs", J::A(progs)),
         md,
+        EbpfCost {
+            total_ns: total,
+            wire_ns: wire,
+        },
     ))
 }
 
