@@ -950,7 +950,7 @@ fn storm_scenario(
                     }
                 ),
             ));
-            let want = if cfg == Cfg::Wire { 0.85 } else { 0.90 };
+            let want = conn_target(cfg);
             targets.push((
                 format!("storm, {name}: conn/s ≥ {want:.2} of no tracer"),
                 ratio >= want,
@@ -1038,6 +1038,16 @@ fn storm_scenario(
     Ok((j, md, targets))
 }
 
+/// Issue #7's conn/s target for a yielding tcptrace: the share of the
+/// no-tracer rate the storm must keep.
+fn conn_target(cfg: Cfg) -> f64 {
+    if cfg == Cfg::Wire {
+        0.85
+    } else {
+        0.90
+    }
+}
+
 /// What the conn/s targets leave a tracer, per connection, against what
 /// tcptrace spends. At saturation every CPU µs a tracer spends on a
 /// connection (its eBPF programs in the storm's context, its own threads
@@ -1056,7 +1066,7 @@ fn budget(
     let s_us = cpus * (1.0 - idle_pct_none / 100.0) / cps_none * 1e6;
     let mut md = format!(
         "\n### Budget per connection\n\n\
-         With no tracer one storm connection takes S = {s_us:.1} µs of the machine (both CPUs, less the idle time). \
+         With no tracer one storm connection takes S = {s_us:.1} µs of the machine (all CPUs, less the idle time). \
          At saturation a tracer that spends C µs per connection leaves the storm S / (S + C) of its rate, \
          so a target ratio t allows C ≤ S (1/t − 1). eBPF is the programs' run time in the bpf_stats run (an upper bound for the programs themselves: the statistics add two clock reads to each run), \
          without the TC programs for --no-wire; userspace is the tracer's own CPU (user+sys, net of start-up) per connection.\n\n\
@@ -1067,11 +1077,12 @@ fn budget(
     );
     let mut j = J::obj().with("storm_us_per_connection", s_us);
     for &(cfg, user_us, measured) in spent {
-        let (target, ebpf_ns) = match cfg {
-            Cfg::NoWire => (0.90, cost.total_ns - cost.wire_ns),
-            Cfg::Wire => (0.85, cost.total_ns),
+        let ebpf_ns = match cfg {
+            Cfg::NoWire => cost.total_ns - cost.wire_ns,
+            Cfg::Wire => cost.total_ns,
             _ => continue,
         };
+        let target = conn_target(cfg);
         let (allowed, ebpf_us) = (s_us * (1.0 / target - 1.0), ebpf_ns / 1e3);
         let total = ebpf_us + user_us;
         let predicted = s_us / (s_us + total);
@@ -1097,7 +1108,6 @@ fn budget(
 
 /// The eBPF programs' cost per connection, in ns: all of them, and the wire's
 /// (TC) share.
-#[derive(Default)]
 struct EbpfCost {
     total_ns: f64,
     wire_ns: f64,
