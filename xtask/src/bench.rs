@@ -10,7 +10,8 @@
 //! tracer writes its full output to a file, as a user would; afterwards we
 //! count what it delivered against what the connection count says it should
 //! have (per-connection counts measured by a calibration run), read what it
-//! reported lost, and take its CPU time and peak RSS from wait4(2). One more
+//! reported lost, and take its CPU time from wait4(2) and its peak RSS from
+//! its /proc status (`VmHWM`; see `proc`). One more
 //! wire-on run with the kernel's BPF statistics on gives the eBPF programs'
 //! own cost (ns per run, paid by the storm), and a timed write of a scratch
 //! file what writing output costs on this machine, which varies.
@@ -1021,7 +1022,7 @@ fn storm_scenario(
          \"skipped by kernel\": events lost because the kernel skipped a tracer's BPF program while one was running on that CPU \
          (tcpstates: recursion_misses in its programs' fdinfo, which it does not report; tcptrace: its summary's `missed`, those \
          skips less the ones its sock_ops program delivered, `rescued`). \
-         \"lost (reported)\" is the ring-full count; \"unaccounted\" = expected − delivered − reported lost − skipped. Tracer CPU is user+sys from wait4(2); \
+         \"lost (reported)\" is the ring-full count; \"unaccounted\" = expected − delivered − reported lost − skipped. Tracer CPU is user+sys from wait4(2), peak RSS the tracer's own VmHWM; \
          the eBPF programs' own cost is charged to the storm and shows up in conn/s. \
          \"output settles\": how long after the storm the output file kept growing (tcptrace's finished connection records linger 0.5 s for stragglers, 20 ms when only the kernel saw them; \
          tcpstates' stdio buffer only reaches the file at exit).\n",

@@ -1,6 +1,8 @@
 //! Child processes for the bench: the load generator, the tracers and the
-//! capture-file runs, with their CPU time and peak RSS taken from wait4(2)'s
-//! rusage.
+//! capture-file runs, with their CPU time from wait4(2)'s rusage and their
+//! peak RSS from their own /proc status (`VmHWM`): rusage's `ru_maxrss`
+//! also counts the mm a child had before exec, a copy of the bench's own,
+//! so it never reads below the bench's size at the spawn.
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -91,22 +93,56 @@ pub struct Usage {
     pub cpu_s: f64,
     pub user_s: f64,
     pub sys_s: f64,
+    /// The highest `VmHWM` read while the child ran: its peak RSS but for
+    /// growth in its last few milliseconds.
     pub maxrss_kb: u64,
     pub exit_ok: bool,
 }
 
 impl Usage {
-    /// From wait4(2)'s status and rusage.
-    fn of(status: i32, ru: &libc::rusage) -> Usage {
+    /// From wait4(2)'s status and rusage, and the peak RSS the caller read.
+    fn of(status: i32, ru: &libc::rusage, peak: &PeakRss) -> Result<Usage> {
         let (user_s, sys_s) = times_s(ru);
-        Usage {
+        Ok(Usage {
             cpu_s: user_s + sys_s,
             user_s,
             sys_s,
-            maxrss_kb: ru.ru_maxrss as u64,
+            maxrss_kb: peak.kb()?,
             exit_ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        })
+    }
+}
+
+/// A running child's peak RSS: `VmHWM` (the high-water mark of the mm it got
+/// at exec), read while it runs; the last read before it exits is the peak.
+pub struct PeakRss {
+    pid: i32,
+    kb: Option<u64>,
+}
+
+impl PeakRss {
+    fn new(pid: i32) -> PeakRss {
+        PeakRss { pid, kb: None }
+    }
+
+    /// Reads it again (nothing once the child has exited).
+    fn sample(&mut self) {
+        if let Some(kb) = status_kb(self.pid, "VmHWM:") {
+            self.kb = Some(self.kb.map_or(kb, |k| k.max(kb)));
         }
     }
+
+    fn kb(&self) -> Result<u64> {
+        self.kb
+            .with_context(|| format!("no VmHWM read for process {} before it exited", self.pid))
+    }
+}
+
+/// A `kB` field of /proc/PID/status.
+fn status_kb(pid: i32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let l = s.lines().find(|l| l.starts_with(field))?;
+    l.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// An rusage's user and sys time, in seconds.
@@ -164,7 +200,7 @@ pub fn thread_cpu_s() -> f64 {
 }
 
 /// Runs `bin ARGS` to its end, stdout and stderr into files, and returns its
-/// CPU time and peak RSS (wait4(2): the child's own, not ours).
+/// CPU time (wait4(2): the child's own, not ours) and peak RSS.
 pub fn run_to_end(bin: &Path, args: &[&str], out: &Path, err: &Path) -> Result<Usage> {
     let child = Command::new(bin)
         .args(args)
@@ -173,14 +209,21 @@ pub fn run_to_end(bin: &Path, args: &[&str], out: &Path, err: &Path) -> Result<U
         .stderr(File::create(err)?)
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
+    let pid = child.id() as i32;
+    let mut peak = PeakRss::new(pid);
     let mut st = 0;
     // SAFETY: zeroed rusage is a valid out buffer.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid out pointers; reaps our own child, which std never waits for.
-    if unsafe { libc::wait4(child.id() as i32, &mut st, 0, &mut ru) } < 0 {
-        bail!("wait4: {}", std::io::Error::last_os_error());
+    loop {
+        peak.sample();
+        // SAFETY: valid out pointers; reaps our own child, which std never waits for.
+        match unsafe { libc::wait4(pid, &mut st, libc::WNOHANG, &mut ru) } {
+            r if r == pid => break,
+            r if r < 0 => bail!("wait4: {}", std::io::Error::last_os_error()),
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
     }
-    Ok(Usage::of(st, &ru))
+    Usage::of(st, &ru, &peak)
 }
 
 fn cpus_online() -> usize {
@@ -278,9 +321,7 @@ impl Tracer {
 
     /// Current resident set size (kB).
     pub fn rss_kb(&self) -> Option<u64> {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
-        let l = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-        l.split_whitespace().nth(1)?.parse().ok()
+        status_kb(self.pid, "VmRSS:")
     }
 
     /// Waits until the output file has not grown for `quiet` (the tracer
@@ -307,6 +348,8 @@ impl Tracer {
         if self.reaped {
             bail!("tracer {} already exited", self.pid);
         }
+        let mut peak = PeakRss::new(self.pid);
+        peak.sample();
         // SAFETY: signalling and reaping our own child.
         unsafe { libc::kill(self.pid, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -314,6 +357,7 @@ impl Tracer {
         // SAFETY: zeroed rusage is a valid out buffer.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         loop {
+            peak.sample();
             // SAFETY: valid out pointers, our own child.
             let r = unsafe { libc::wait4(self.pid, &mut st, libc::WNOHANG, &mut ru) };
             if r == self.pid {
@@ -334,7 +378,7 @@ impl Tracer {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.reaped = true;
-        Ok(Usage::of(st, &ru))
+        Usage::of(st, &ru, &peak)
     }
 
     pub fn kill(&mut self) {

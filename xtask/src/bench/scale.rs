@@ -200,7 +200,7 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
          | tracer RSS attached, idle | {:.1} MiB |\n\
          | tracer RSS with all connections open | {:.1} MiB |\n\
          | tracer RSS after close | {:.1} MiB |\n\
-         | tracer peak RSS (ru_maxrss) | {:.1} MiB |\n\
+         | tracer peak RSS (VmHWM) | {:.1} MiB |\n\
          | RSS per open connection (open − idle) | {:.0} B |\n\
          | RSS per tracked connection (open − idle) / min(conns, matcher cap {MATCHER_CAP} if it evicted) | {:.0} B |\n\
          | peak RSS per connection (peak − idle) | {:.0} B |\n\

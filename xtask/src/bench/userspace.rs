@@ -2,8 +2,8 @@
 //! output) costs per event, with no kernel tracer and no root. A capture of
 //! many short connections (`tcptrace/examples/storm_capture.rs`) goes through
 //! `tcptrace pcap` in each output mode, its output written to a file as a
-//! user would; CPU time (user+sys, so the write(2)s count) and peak RSS come
-//! from wait4(2).
+//! user would; CPU time (user+sys, so the write(2)s count) comes from
+//! wait4(2), peak RSS from the process's own `VmHWM`.
 //!
 //! The figures include reading and decoding the capture, which live tracing
 //! does not have; the capture is mapped and streamed through the matcher,
