@@ -115,7 +115,7 @@ impl Usage {
 
 /// A running child's peak RSS: `VmHWM` (the high-water mark of the mm it got
 /// at exec), read while it runs; the last read before it exits is the peak.
-pub struct PeakRss {
+struct PeakRss {
     pid: i32,
     kb: Option<u64>,
 }
