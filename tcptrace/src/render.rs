@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::event::{Comm, Dir, Event, Family, Segment, StateChange, TcpOptions};
 use crate::matcher::{Anomaly, Connection, Observation, SocketStates, Step, TimeWait, Views};
-use crate::text::decimal;
+use crate::text::{decimal, Piece};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -67,77 +67,163 @@ pub struct Hms {
 
 impl fmt::Display for Hms {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = self.secs;
-        write!(
-            f,
-            "{:02}:{:02}:{:02}.{:06}",
-            (s / 3600) % 24,
-            (s / 60) % 60,
-            s % 60,
-            self.us
-        )
+        let mut t = String::with_capacity(15);
+        self.append(&mut t);
+        f.write_str(&t)
     }
 }
 
+impl Piece for Hms {
+    /// `HH:MM:SS.uuuuuu`.
+    fn append(&self, t: &mut String) {
+        // Seconds of the day and microseconds of the second: both well
+        // inside u64, where u128's divisions are library calls.
+        let (s, us) = ((self.secs % 86_400) as u64, self.us as u64);
+        zero_padded(t, s / 3600, 2);
+        t.push(':');
+        zero_padded(t, (s / 60) % 60, 2);
+        t.push(':');
+        zero_padded(t, s % 60, 2);
+        t.push('.');
+        zero_padded(t, us, 6);
+    }
+}
+
+/// `v` in decimal, right-aligned in `width` columns filled with `fill`
+/// (as `{:>width$}` with ' ', `{:0width$}` with '0').
+fn padded(t: &mut String, v: u64, width: usize, fill: char) {
+    let mut d = [0; 20];
+    let n = decimal(v, &mut d);
+    for _ in n..width {
+        t.push(fill);
+    }
+    t.push_str(std::str::from_utf8(&d[..n]).unwrap_or_default());
+}
+
+fn zero_padded(t: &mut String, v: u64, width: usize) {
+    padded(t, v, width, '0');
+}
+
+/// Nanoseconds as milliseconds with three decimals, as `{:.3}` prints
+/// `ns as f64 / 1e6`. In integers: the double is within half an ulp of
+/// ns / 10^6, and a rounding boundary that ns does not sit on exactly lies
+/// at least 10^-6 ms away, more than that half ulp below 2^53 ns; on a
+/// boundary (or above) the double decides, as before.
+fn millis3(t: &mut String, ns: u64) {
+    if ns % 1000 == 500 || ns >= 1 << 53 {
+        use std::fmt::Write as _;
+        let _ = write!(t, "{:.3}", ns as f64 / 1e6);
+        return;
+    }
+    let us = (ns + 500) / 1000;
+    (us / 1000).append(t);
+    t.push('.');
+    zero_padded(t, us % 1000, 3);
+}
+
+/// One line assembled in a String and written with one `write_all`: `fmt`
+/// goes through the formatter for every piece and padding, and `{:.3}`
+/// through float formatting, which made an event line cost more than a
+/// JSON one.
 fn write_state_line<W: Write + ?Sized>(
     out: &mut W,
     s: &StateChange,
     clock: &Clock,
 ) -> io::Result<()> {
-    // SocketAddr prints `a:p` and `[a]:p`, as the user expects an endpoint.
-    write!(
-        out,
-        "{} {:>7} {:<15} {} → {}  {} → {}",
-        clock.hms(s.ts_ns),
-        s.pid,
-        s.comm,
-        SocketAddr::new(s.saddr, s.sport),
-        SocketAddr::new(s.daddr, s.dport),
-        s.oldstate,
-        s.newstate,
-    )?;
-    if s.prev_state_ns > 0 {
-        write!(
-            out,
-            "  ({:.3} ms in {})",
-            s.prev_state_ns as f64 / 1e6,
-            s.oldstate
-        )?;
+    let mut t = String::with_capacity(128);
+    clock.hms(s.ts_ns).append(&mut t);
+    t.push(' ');
+    padded(&mut t, u64::from(s.pid), 7, ' ');
+    t.push(' ');
+    // As `{:<15}`: padded to 15 characters, not bytes.
+    let comm = s.comm.as_str();
+    t.push_str(&comm);
+    for _ in comm.chars().count()..15 {
+        t.push(' ');
     }
-    writeln!(out)
+    t.push(' ');
+    // SocketAddr prints `a:p` and `[a]:p`, as the user expects an endpoint.
+    SocketAddr::new(s.saddr, s.sport).append(&mut t);
+    t.push_str(" → ");
+    SocketAddr::new(s.daddr, s.dport).append(&mut t);
+    t.push_str("  ");
+    t.push_str(s.oldstate.name());
+    t.push_str(" → ");
+    t.push_str(s.newstate.name());
+    if s.prev_state_ns > 0 {
+        t.push_str("  (");
+        millis3(&mut t, s.prev_state_ns);
+        t.push_str(" ms in ");
+        t.push_str(s.oldstate.name());
+        t.push(')');
+    }
+    t.push('\n');
+    out.write_all(t.as_bytes())
 }
 
-/// tcpdump's one-line form, absolute sequence numbers (`-S`).
+/// An address as `Display` prints it (IPv4 without the formatter).
+fn ip_text(t: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut d = [0; 16];
+            let n = crate::text::ipv4(a, &mut d);
+            t.push_str(std::str::from_utf8(&d[..n]).unwrap_or_default());
+        }
+        IpAddr::V6(_) => {
+            use std::fmt::Write as _;
+            let _ = write!(t, "{ip}");
+        }
+    }
+}
+
+/// tcpdump's one-line form, absolute sequence numbers (`-S`); assembled as
+/// the state line is.
 fn write_segment_line<W: Write + ?Sized>(
     out: &mut W,
     s: &Segment,
     clock: &Clock,
 ) -> io::Result<()> {
-    let ip = if s.saddr.is_ipv4() { "IP" } else { "IP6" };
-    write!(
-        out,
-        "{} {} {:<7} {ip} {}.{} > {}.{}: Flags [{}], seq {}",
-        clock.hms(s.ts_ns),
-        s.iface.as_deref().unwrap_or("-"),
-        dir_word(s),
-        s.saddr,
-        s.sport,
-        s.daddr,
-        s.dport,
-        s.flags,
-        s.seq
-    )?;
+    let mut t = String::with_capacity(160);
+    clock.hms(s.ts_ns).append(&mut t);
+    t.push(' ');
+    t.push_str(s.iface.as_deref().unwrap_or("-"));
+    t.push(' ');
+    // As `{:<7}`.
+    let dir = dir_word(s);
+    t.push_str(dir);
+    for _ in dir.len()..7 {
+        t.push(' ');
+    }
+    t.push_str(if s.saddr.is_ipv4() { " IP " } else { " IP6 " });
+    ip_text(&mut t, s.saddr);
+    t.push('.');
+    u64::from(s.sport).append(&mut t);
+    t.push_str(" > ");
+    ip_text(&mut t, s.daddr);
+    t.push('.');
+    u64::from(s.dport).append(&mut t);
+    t.push_str(": Flags [");
+    t.push_str(s.flags.tcpdump(&mut [0; 8]));
+    t.push_str("], seq ");
+    s.seq.append(&mut t);
     if s.len > 0 {
-        write!(out, ":{}", s.seq.wrapping_add(s.len))?;
+        t.push(':');
+        s.seq.wrapping_add(s.len).append(&mut t);
     }
     if s.flags.ack() {
-        write!(out, ", ack {}", s.ack)?;
+        t.push_str(", ack ");
+        s.ack.append(&mut t);
     }
-    write!(out, ", win {}", s.win)?;
+    t.push_str(", win ");
+    u64::from(s.win).append(&mut t);
     if !s.options.is_empty() {
-        write!(out, ", options [{}]", s.options)?;
+        use std::fmt::Write as _;
+        let _ = write!(t, ", options [{}]", s.options);
     }
-    writeln!(out, ", length {}", s.len)
+    t.push_str(", length ");
+    s.len.append(&mut t);
+    t.push('\n');
+    out.write_all(t.as_bytes())
 }
 
 fn dir_word(s: &Segment) -> &'static str {
@@ -942,6 +1028,182 @@ mod tests {
             "23:13:20.123456    4242 curl            [2001:db8::1]:40000 → [2001:db8::2]:80  ESTABLISHED → FIN_WAIT1  (1.235 ms in ESTABLISHED)\n\
              01:00:05.000001 veth0 egress  IP 10.0.0.1.40000 > 192.168.255.2.80: Flags [FP.], seq 100:110, ack 200, win 502, options [TS val 1 ecr 2], length 10\n"
         );
+    }
+
+    /// The readable lines as `fmt` wrote them before they were assembled by
+    /// hand: the reference the hand-written ones are held to.
+    fn fmt_event_line(ev: &Event, clock: &Clock) -> String {
+        let hms = |ts: u64| {
+            let t = (ts as i128 + clock.offset_ns).max(0) as u128;
+            let (s, us) = (t / 1_000_000_000, (t % 1_000_000_000) / 1000);
+            format!(
+                "{:02}:{:02}:{:02}.{:06}",
+                (s / 3600) % 24,
+                (s / 60) % 60,
+                s % 60,
+                us
+            )
+        };
+        match ev {
+            Event::State(s) => {
+                let mut l = format!(
+                    "{} {:>7} {:<15} {} → {}  {} → {}",
+                    hms(s.ts_ns),
+                    s.pid,
+                    s.comm,
+                    SocketAddr::new(s.saddr, s.sport),
+                    SocketAddr::new(s.daddr, s.dport),
+                    s.oldstate,
+                    s.newstate,
+                );
+                if s.prev_state_ns > 0 {
+                    l += &format!(
+                        "  ({:.3} ms in {})",
+                        s.prev_state_ns as f64 / 1e6,
+                        s.oldstate
+                    );
+                }
+                l + "\n"
+            }
+            Event::Segment(s) => {
+                let ip = if s.saddr.is_ipv4() { "IP" } else { "IP6" };
+                let mut l = format!(
+                    "{} {} {:<7} {ip} {}.{} > {}.{}: Flags [{}], seq {}",
+                    hms(s.ts_ns),
+                    s.iface.as_deref().unwrap_or("-"),
+                    dir_word(s),
+                    s.saddr,
+                    s.sport,
+                    s.daddr,
+                    s.dport,
+                    s.flags,
+                    s.seq
+                );
+                if s.len > 0 {
+                    l += &format!(":{}", s.seq.wrapping_add(s.len));
+                }
+                if s.flags.ack() {
+                    l += &format!(", ack {}", s.ack);
+                }
+                l += &format!(", win {}", s.win);
+                if !s.options.is_empty() {
+                    l += &format!(", options [{}]", s.options);
+                }
+                l + &format!(", length {}\n", s.len)
+            }
+        }
+    }
+
+    /// The hand-assembled readable lines read exactly as `fmt` wrote them:
+    /// times around midnight and the epoch, pids and comms of every width
+    /// (multi-byte and invalid UTF-8 included), milliseconds on and around
+    /// every rounding boundary, IPv6, each flag and option combination.
+    #[test]
+    fn event_lines_match_fmt() {
+        let [Event::State(state), Event::Segment(segment)] = events() else {
+            unreachable!()
+        };
+        let clocks = [
+            Clock::epoch(),
+            Clock {
+                offset_ns: 3_600_000_000_000,
+            },
+            Clock {
+                offset_ns: -5_000_001_000,
+            },
+            Clock {
+                offset_ns: 86_399_999_999_999,
+            },
+        ];
+        let mut cases = Vec::new();
+        let comms: [&[u8]; 6] = [
+            b"",
+            b"curl",
+            b"fifteen-chars-x",
+            b"sixteen-chars-xy",
+            "h\u{e9}llo w\u{f6}rld".as_bytes(),
+            b"bad\xff\xfeutf8",
+        ];
+        let ms: Vec<u64> = [
+            0,
+            1,
+            499,
+            500,
+            501,
+            999,
+            1000,
+            1499,
+            1500,
+            1501,
+            2500,
+            4500,
+            999_499,
+            999_500,
+            999_999_500,
+            1_234_567,
+            (1 << 53) - 1,
+            1 << 53,
+            u64::MAX,
+        ]
+        .into_iter()
+        .chain((0..2000).map(|i| i * 7_919 + 500))
+        .collect();
+        for (i, &ns) in ms.iter().enumerate() {
+            let mut s = state.clone();
+            s.prev_state_ns = ns;
+            s.pid = [0, 7, 1_234_567, 12_345_678, u32::MAX][i % 5];
+            s.comm = Comm::from_kernel(comms[i % comms.len()]);
+            s.ts_ns = [0, 1, 86_399_999_999_999, ns, u64::MAX][i % 5];
+            if i % 2 == 0 {
+                (s.saddr, s.daddr) = (
+                    "0.0.0.0".parse().expect("literal"),
+                    "255.9.10.100".parse().expect("literal"),
+                );
+            }
+            cases.push(Event::State(s));
+        }
+        for (i, len) in [0u32, 1, 1448, u32::MAX].into_iter().enumerate() {
+            for flags in [
+                0u8,
+                TcpFlags::SYN,
+                TcpFlags::SYN | TcpFlags::ACK,
+                TcpFlags::ACK,
+                TcpFlags::RST,
+                0xff,
+            ] {
+                let mut s = segment.clone();
+                s.len = len;
+                s.seq = u32::MAX - i as u32;
+                s.flags = TcpFlags(flags);
+                s.iface = if i % 2 == 0 { None } else { s.iface };
+                s.dir = [Dir::Ingress, Dir::Egress, Dir::Capture][(i + flags as usize) % 3];
+                if i == 3 {
+                    (s.saddr, s.daddr) = (
+                        "::1".parse().expect("literal"),
+                        "fe80::1:2".parse().expect("literal"),
+                    );
+                }
+                if flags == TcpFlags::SYN {
+                    s.options = TcpOptions {
+                        mss: Some(1460),
+                        wscale: Some(7),
+                        sack_ok: true,
+                        ..s.options
+                    };
+                }
+                cases.push(Event::Segment(s));
+            }
+        }
+        for clock in &clocks {
+            for ev in &cases {
+                let mut ours = Vec::new();
+                write_event_line(&mut ours, ev, clock).expect("writing to a Vec");
+                assert_eq!(
+                    String::from_utf8(ours).expect("UTF-8"),
+                    fmt_event_line(ev, clock)
+                );
+            }
+        }
     }
 
     /// The hand-written event lines over the values whose formatting is
