@@ -11,15 +11,31 @@
 //! what it means. Kernel lines show the transition and the time spent in the
 //! state it leaves.
 
+use std::fmt::Write as _;
 use std::io::{self, Write};
 
 use crate::matcher::{Close, Connection, Side, Step, StepKind};
+use crate::text::{decimal, Piece};
 
 const INDENT: &str = "                                ";
 
-/// Time relative to the first event: milliseconds with µs precision.
-fn rel_ms(ns: u64) -> String {
-    format!("{}.{:03} ms", ns / 1_000_000, (ns / 1000) % 1000)
+/// Time relative to the first event: milliseconds with µs precision
+/// (`12.345 ms`), right-aligned in `width` columns.
+fn rel_ms(t: &mut String, ns: u64, width: usize) {
+    let mut d = [0; 20];
+    let n = decimal(ns / 1_000_000, &mut d);
+    // "." + three digits + " ms"
+    for _ in (n + 7)..width {
+        t.push(' ');
+    }
+    t.push_str(std::str::from_utf8(&d[..n]).unwrap_or_default());
+    t.push('.');
+    let n = decimal((ns / 1000) % 1000, &mut d);
+    for _ in n..3 {
+        t.push('0');
+    }
+    t.push_str(std::str::from_utf8(&d[..n]).unwrap_or_default());
+    t.push_str(" ms");
 }
 
 /// A duration in the unit that reads best.
@@ -33,62 +49,84 @@ pub fn human_duration(ns: u64) -> String {
     }
 }
 
-fn opt_bytes(v: Option<u64>) -> String {
-    v.map_or_else(|| "?".to_string(), |b| b.to_string())
+fn opt_bytes(t: &mut String, v: Option<u64>) {
+    match v {
+        Some(b) => b.append(t),
+        None => t.push('?'),
+    }
 }
 
 /// The first line: who, how it opened and closed, how much, how fast.
 pub fn header(conn: &Connection) -> String {
-    let close = match conn.close {
-        Close::Reset => "reset".to_string(),
-        Close::Unfinished => "close unfinished".to_string(),
-        k => format!("{} close", k.name()),
-    };
-    let mut h = format!(
-        "{} → {}  {} open, {}, {} B → / ← {} B",
-        conn.client,
-        conn.server,
-        conn.open.name(),
-        close,
-        opt_bytes(conn.bytes_client),
-        opt_bytes(conn.bytes_server)
-    );
-    if let Some(r) = conn.handshake_rtt_ns {
-        h.push_str(&format!(", handshake RTT {}", human_duration(r)));
-    }
+    let mut h = String::with_capacity(128);
+    write_header(&mut h, conn);
     h
+}
+
+fn write_header(h: &mut String, conn: &Connection) {
+    conn.client.append(h);
+    h.push_str(" → ");
+    conn.server.append(h);
+    h.push_str("  ");
+    h.push_str(conn.open.name());
+    h.push_str(" open, ");
+    match conn.close {
+        Close::Reset => h.push_str("reset"),
+        Close::Unfinished => h.push_str("close unfinished"),
+        k => {
+            h.push_str(k.name());
+            h.push_str(" close");
+        }
+    }
+    h.push_str(", ");
+    opt_bytes(h, conn.bytes_client);
+    h.push_str(" B → / ← ");
+    opt_bytes(h, conn.bytes_server);
+    h.push_str(" B");
+    if let Some(r) = conn.handshake_rtt_ns {
+        h.push_str(", handshake RTT ");
+        h.push_str(&human_duration(r));
+    }
 }
 
 /// The wire part in tcpdump's syntax: `Flags [S.], seq …, ack …, win …`.
 /// Sequence numbers are absolute on SYN segments and relative after, as
 /// tcpdump prints them (when the ISNs are known).
-fn tcpdump_text(st: &Step) -> String {
+fn tcpdump_text(s: &mut String, st: &Step) {
     let flags = st.flags.unwrap_or_default();
     let syn = flags.syn();
     let len = st.len.unwrap_or(0);
-    let mut s = format!("Flags [{flags}]");
+    s.push_str("Flags [");
+    s.push_str(flags.tcpdump(&mut [0; 8]));
+    s.push(']');
     let seq = if syn { st.seq } else { st.rel_seq.or(st.seq) };
     if let Some(seq) = seq {
         if len > 0 {
-            s.push_str(&format!(", seq {seq}:{}", seq.wrapping_add(len)));
+            s.push_str(", seq ");
+            seq.append(s);
+            s.push(':');
+            seq.wrapping_add(len).append(s);
         } else if syn || flags.fin() || flags.rst() {
-            s.push_str(&format!(", seq {seq}"));
+            s.push_str(", seq ");
+            seq.append(s);
         }
     }
     if st.ack.is_some() {
         let ack = if syn { st.ack } else { st.rel_ack.or(st.ack) };
         if let Some(a) = ack {
-            s.push_str(&format!(", ack {a}"));
+            s.push_str(", ack ");
+            a.append(s);
         }
     }
     if let Some(w) = st.win {
-        s.push_str(&format!(", win {w}"));
+        s.push_str(", win ");
+        u64::from(w).append(s);
     }
     if let Some(o) = &st.options {
-        s.push_str(&format!(", options [{o}]"));
+        let _ = write!(s, ", options [{o}]");
     }
-    s.push_str(&format!(", length {len}"));
-    s
+    s.push_str(", length ");
+    len.append(s);
 }
 
 fn explanation(st: &Step) -> String {
@@ -104,41 +142,69 @@ fn side_col(s: Option<Side>) -> &'static str {
     s.map_or("?", Side::name)
 }
 
-/// Writes the whole timeline of `conn`.
+/// `s` left-aligned in `width` characters (as `{:<width$}`).
+fn left_aligned(t: &mut String, s: &str, width: usize) {
+    t.push_str(s);
+    for _ in s.chars().count()..width {
+        t.push(' ');
+    }
+}
+
+/// Writes the whole timeline of `conn`, with one `write_all`: the lines
+/// are assembled in one String, without a `format!` allocation per piece.
 pub fn render<W: Write + ?Sized>(conn: &Connection, out: &mut W) -> io::Result<()> {
-    writeln!(out, "{}", header(conn))?;
-    let isn = |v: Option<u32>| v.map_or_else(|| "?".to_string(), |x| x.to_string());
-    let mut second = format!(
-        "  client ISN x = {}, server ISN y = {}",
-        isn(conn.isn_client),
-        isn(conn.isn_server)
-    );
+    let mut t = String::with_capacity(256 * (conn.steps.len() + 4));
+    write_timeline(&mut t, conn);
+    out.write_all(t.as_bytes())
+}
+
+fn write_timeline(t: &mut String, conn: &Connection) {
+    write_header(t, conn);
+    t.push('\n');
+    let isn = |t: &mut String, v: Option<u32>| match v {
+        Some(x) => x.append(t),
+        None => t.push('?'),
+    };
+    t.push_str("  client ISN x = ");
+    isn(t, conn.isn_client);
+    t.push_str(", server ISN y = ");
+    isn(t, conn.isn_server);
     if let Some(by) = conn.closed_by {
-        second.push_str(&format!("; closed by {}", by.name()));
+        t.push_str("; closed by ");
+        t.push_str(by.name());
     }
     if let Some(r) = conn.handshake_rtt_server_ns {
-        second.push_str(&format!("; server-side RTT {}", human_duration(r)));
+        t.push_str("; server-side RTT ");
+        t.push_str(&human_duration(r));
     }
-    second.push_str(&format!(
-        "; {}; end: {}",
-        human_duration(conn.duration_ns),
-        serde_json::to_value(conn.end_reason)
+    t.push_str("; ");
+    t.push_str(&human_duration(conn.duration_ns));
+    t.push_str("; end: ");
+    t.push_str(
+        &serde_json::to_value(conn.end_reason)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default()
-    ));
+            .unwrap_or_default(),
+    );
     if let Some(ns) = conn.netns {
-        second.push_str(&format!("; netns {ns}"));
+        t.push_str("; netns ");
+        ns.append(t);
     }
-    writeln!(out, "{second}")?;
+    t.push('\n');
 
     for st in &conn.steps {
-        let t = format!("{:>12}", rel_ms(st.rel_ns));
         match st.kind {
             StepKind::Wire => {
                 let from = side_col(st.from);
                 let to = st.from.map_or("?", |s| s.peer().name());
-                writeln!(out, "{t}  {from} > {to}  {}", tcpdump_text(st))?;
+                rel_ms(t, st.rel_ns, 12);
+                t.push_str("  ");
+                t.push_str(from);
+                t.push_str(" > ");
+                t.push_str(to);
+                t.push_str("  ");
+                tcpdump_text(t, st);
+                t.push('\n');
                 let mut e = explanation(st);
                 if st.rule.is_none() && st.name != "data" && st.name != "ACK" {
                     e = if e.is_empty() {
@@ -151,7 +217,9 @@ pub fn render<W: Write + ?Sized>(conn: &Connection, out: &mut W) -> io::Result<(
                     e.push_str(" (retransmission)");
                 }
                 if !e.is_empty() {
-                    writeln!(out, "{INDENT}{e}")?;
+                    t.push_str(INDENT);
+                    t.push_str(&e);
+                    t.push('\n');
                 }
                 if st.observations.len() > 1 || st.observations.iter().any(|o| o.ts_ns != st.ts_ns)
                 {
@@ -159,8 +227,10 @@ pub fn render<W: Write + ?Sized>(conn: &Connection, out: &mut W) -> io::Result<(
                         .observations
                         .iter()
                         .map(|o| {
+                            let mut at = String::new();
+                            rel_ms(&mut at, o.ts_ns.saturating_sub(conn.first_ts_ns), 0);
                             format!(
-                                "{:?} netns {} if {}{} at {}",
+                                "{:?} netns {} if {}{} at {at}",
                                 o.dir,
                                 o.netns,
                                 o.ifindex,
@@ -168,101 +238,135 @@ pub fn render<W: Write + ?Sized>(conn: &Connection, out: &mut W) -> io::Result<(
                                     .as_deref()
                                     .map(|n| format!(" ({n})"))
                                     .unwrap_or_default(),
-                                rel_ms(o.ts_ns.saturating_sub(conn.first_ts_ns))
                             )
                             .to_lowercase()
                         })
                         .collect();
-                    writeln!(out, "{INDENT}seen: {}", seen.join("; "))?;
+                    t.push_str(INDENT);
+                    t.push_str("seen: ");
+                    t.push_str(&seen.join("; "));
+                    t.push('\n');
                 }
             }
             StepKind::Kernel => {
-                let mut line = format!("{t}  kernel  {:<6}  {}", side_col(st.side), st.name);
+                rel_ms(t, st.rel_ns, 12);
+                t.push_str("  kernel  ");
+                left_aligned(t, side_col(st.side), 6);
+                t.push_str("  ");
+                t.push_str(&st.name);
                 if let (Some(old), Some(ns)) = (st.oldstate, st.in_state_ns) {
-                    line.push_str(&format!(" ({old} {})", rel_ms(ns)));
+                    t.push_str(" (");
+                    t.push_str(old.name());
+                    t.push(' ');
+                    rel_ms(t, ns, 0);
+                    t.push(')');
                 }
                 if let Some(sk) = st.skaddr {
-                    line.push_str(&format!("  sk {sk:#x}"));
+                    let _ = write!(t, "  sk {sk:#x}");
                 }
                 if let (Some(pid), Some(comm)) = (st.pid, &st.comm) {
                     if pid != 0 {
-                        line.push_str(&format!(" {comm}[{pid}]"));
+                        t.push(' ');
+                        t.push_str(&comm.as_str());
+                        t.push('[');
+                        pid.append(t);
+                        t.push(']');
                     }
                 }
-                writeln!(out, "{line}")?;
-                let mut e = st.explain.to_string();
-                if let Some(c) = st.matched_step.and_then(|i| conn.steps.get(i)) {
-                    let cause = format!("with {} at {}", c.name, rel_ms(c.rel_ns));
-                    e = if e.is_empty() {
-                        cause
-                    } else {
-                        format!("{e} ({cause})")
-                    };
+                t.push('\n');
+                let cause = st.matched_step.and_then(|i| conn.steps.get(i));
+                if st.explain.is_empty() && cause.is_none() {
+                    continue;
                 }
-                if !e.is_empty() {
-                    writeln!(out, "{INDENT}{e}")?;
+                t.push_str(INDENT);
+                t.push_str(&st.explain);
+                if let Some(c) = cause {
+                    if !st.explain.is_empty() {
+                        t.push_str(" (");
+                    }
+                    t.push_str("with ");
+                    t.push_str(&c.name);
+                    t.push_str(" at ");
+                    rel_ms(t, c.rel_ns, 0);
+                    if !st.explain.is_empty() {
+                        t.push(')');
+                    }
                 }
+                t.push('\n');
             }
             StepKind::Data => {
-                writeln!(out, "{t}  data            {}", st.explain)?;
+                rel_ms(t, st.rel_ns, 12);
+                t.push_str("  data            ");
+                t.push_str(&st.explain);
+                t.push('\n');
             }
             StepKind::Inferred => {
-                writeln!(
-                    out,
-                    "{t}  {:<6}          {}",
-                    side_col(st.side),
-                    st.rule.as_deref().unwrap_or(&st.name)
-                )?;
+                rel_ms(t, st.rel_ns, 12);
+                t.push_str("  ");
+                left_aligned(t, side_col(st.side), 6);
+                t.push_str("          ");
+                t.push_str(st.rule.as_deref().unwrap_or(&st.name));
+                t.push('\n');
                 if !st.explain.is_empty() {
-                    writeln!(out, "{INDENT}{}", st.explain)?;
+                    t.push_str(INDENT);
+                    t.push_str(&st.explain);
+                    t.push('\n');
                 }
             }
         }
     }
 
     if !conn.states.is_empty() {
-        writeln!(out, "  time in states:")?;
+        t.push_str("  time in states:\n");
         for s in &conn.states {
-            let spans: Vec<String> = s
-                .states
-                .iter()
-                .map(|sp| match sp.ns {
-                    Some(ns) => format!("{} {}", sp.state, human_duration(ns)),
-                    None => sp.state.to_string(),
-                })
-                .collect();
-            let owner = if s.pid != 0 {
-                format!("{}[{}]", s.comm, s.pid)
+            t.push_str("    ");
+            left_aligned(t, s.side.name(), 6);
+            let _ = write!(t, " sk {:#x} ", s.skaddr);
+            if s.pid != 0 {
+                t.push_str(&s.comm.as_str());
+                t.push('[');
+                s.pid.append(t);
+                t.push(']');
             } else {
-                "owner unknown".to_string()
-            };
-            writeln!(
-                out,
-                "    {:<6} sk {:#x} {owner} netns {}: {}",
-                s.side.name(),
-                s.skaddr,
-                s.netns,
-                spans.join(" → ")
-            )?;
+                t.push_str("owner unknown");
+            }
+            t.push_str(" netns ");
+            s.netns.append(t);
+            t.push_str(": ");
+            for (i, sp) in s.states.iter().enumerate() {
+                if i > 0 {
+                    t.push_str(" → ");
+                }
+                t.push_str(sp.state.name());
+                if let Some(ns) = sp.ns {
+                    t.push(' ');
+                    t.push_str(&human_duration(ns));
+                }
+            }
+            t.push('\n');
         }
     }
     if conn.anomalies.is_empty() {
-        writeln!(out, "  anomalies: none")?;
+        t.push_str("  anomalies: none\n");
     } else {
-        writeln!(out, "  anomalies:")?;
+        t.push_str("  anomalies:\n");
         for a in &conn.anomalies {
-            let mut line = format!("    ! {}", a.kind.name());
+            t.push_str("    ! ");
+            t.push_str(a.kind.name());
             if a.count > 1 {
-                line.push_str(&format!(" ×{}", a.count));
+                t.push_str(" ×");
+                a.count.append(t);
             }
             if let Some(s) = a.side {
-                line.push_str(&format!(" ({})", s.name()));
+                t.push_str(" (");
+                t.push_str(s.name());
+                t.push(')');
             }
-            line.push_str(&format!(": {}", a.detail));
-            writeln!(out, "{line}")?;
+            t.push_str(": ");
+            t.push_str(&a.detail);
+            t.push('\n');
         }
     }
-    Ok(())
 }
 
 /// The timeline as a string (tests, logs).

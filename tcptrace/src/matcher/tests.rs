@@ -898,3 +898,11 @@ fn reused_records_read_as_fresh_ones() {
     }
     assert!(shifted.len() > 1, "scenarios to reuse records across");
 }
+
+/// The seed capture's timelines, as recorded when the text was last meant
+/// to change: the timeline writer is held to them byte for byte.
+#[test]
+fn seed_timelines_read_as_recorded() {
+    let text: String = seed().iter().map(timeline::to_string).collect();
+    assert_eq!(text, include_str!("../../tests/fixtures/seed-timeline.txt"));
+}

@@ -1251,3 +1251,13 @@ fn connection_json_matches_serde() {
         assert!(all.contains(key), "{key} not covered");
     }
 }
+
+/// A live conversation's timeline (kernel steps and their causes, time in
+/// states, the inferred TIME_WAIT, segments seen at two points), as
+/// recorded when the text was last meant to change.
+#[test]
+fn live_timeline_reads_as_recorded() {
+    let (conns, _) = run(&full_conversation());
+    let text: String = conns.iter().map(timeline::to_string).collect();
+    assert_eq!(text, include_str!("../../tests/fixtures/live-timeline.txt"));
+}
