@@ -1096,8 +1096,9 @@ mod tests {
 
     /// The hand-assembled readable lines read exactly as `fmt` wrote them:
     /// times around midnight and the epoch, pids and comms of every width
-    /// (multi-byte and invalid UTF-8 included), milliseconds on and around
-    /// every rounding boundary, IPv6, each flag and option combination.
+    /// (multi-byte and invalid UTF-8 included), milliseconds on and next to
+    /// rounding boundaries (small and just under 2^53), IPv6, each flag and
+    /// option combination.
     #[test]
     fn event_lines_match_fmt() {
         let [Event::State(state), Event::Segment(segment)] = events() else {
@@ -1146,7 +1147,17 @@ mod tests {
             u64::MAX,
         ]
         .into_iter()
-        .chain((0..2000).map(|i| i * 7_919 + 500))
+        // On every kind of rounding boundary (ns ending in 500) and next
+        // to it, and the same just under 2^53, where the double's error is
+        // largest.
+        .chain((0..500).flat_map(|i| {
+            let b = i * 7_919_000 + 500;
+            [b - 1, b, b + 1]
+        }))
+        .chain((1..=200).flat_map(|k| {
+            let b = (1u64 << 53) - k * 1000;
+            [b - 501, b - 500, b - 499, b - 1]
+        }))
         .collect();
         for (i, &ns) in ms.iter().enumerate() {
             let mut s = state.clone();

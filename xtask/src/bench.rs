@@ -52,7 +52,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
     /// Storm client threads (the storm's server gets as many) [default: two
-    /// per CPU]. One per CPU leaves the CPUs 3-17 % idle while a thread
+    /// per CPU]. One per CPU leaves the CPUs 2-17 % idle while a thread
     /// waits for the other CPU's softirq or wakeup, and how much moves with
     /// the host's wakeup latency: the bench measures at saturation.
     #[arg(long, value_name = "N")]
@@ -253,7 +253,7 @@ struct Run {
     /// Size of the tracer's output file.
     out_bytes: Option<u64>,
     /// Per program: (name, runs, run time ns); see `ebpf_cost`.
-    prog_stats: Vec<(String, u64, u64)>,
+    prog_stats: Vec<(String, u64, u64, u64)>,
     /// Shares of the machine's CPU time while the storm ran: idle, softirq.
     machine: Option<(f64, f64)>,
 }
@@ -714,7 +714,7 @@ fn storm_scenario(
             "bench: {} idle: {:.3} s CPU, {} kB RSS",
             c.label(),
             u.cpu_s,
-            u.maxrss_kb
+            u.maxrss_kb.map_or("?".into(), |k| k.to_string())
         );
         idle.push((c, u));
     }
@@ -866,7 +866,7 @@ fn storm_scenario(
         );
         let rss_mib = median(
             rs.iter()
-                .filter_map(|r| Some(r.usage.as_ref()?.maxrss_kb as f64 / 1024.0))
+                .filter_map(|r| Some(r.usage.as_ref()?.maxrss_kb? as f64 / 1024.0))
                 .collect(),
         );
         let drain = median(rs.iter().filter_map(|r| r.drain_s).collect());
@@ -970,7 +970,8 @@ fn storm_scenario(
     // What a tracer can have for free: the idle time the storm leaves. A
     // tracer that needs more takes the rest from the storm, whatever its
     // priority.
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    // The CPUs /proc/stat's first line sums, whose idle share this is.
+    let cpus = proc::cpus_online() as f64;
     let share = |cfg: Cfg| shares.iter().find(|s| s.0 == cfg);
     let room = share(Cfg::None).map_or(f64::NAN, |s| s.1 * cpus);
     let needs: Vec<String> = [(Cfg::NoWire, "--no-wire"), (Cfg::Wire, "with wire")]
@@ -1070,7 +1071,9 @@ fn budget(
          With no tracer one storm connection takes S = {s_us:.1} µs of the machine (all CPUs, less the idle time). \
          At saturation a tracer that spends C µs per connection leaves the storm S / (S + C) of its rate, \
          so a target ratio t allows C ≤ S (1/t − 1). eBPF is the programs' run time in the bpf_stats run (an upper bound for the programs themselves: the statistics add two clock reads to each run), \
-         without the TC programs for --no-wire; userspace is the tracer's own CPU (user+sys, net of start-up) per connection.\n\n\
+         without the TC programs for --no-wire; userspace is the tracer's own CPU (user+sys, net of start-up) per connection, \
+         which also holds the storm's softirqs that interrupt the tracer's threads where the kernel does not account IRQ time apart \
+         (so the prediction errs low, not high).\n\n\
          \"taken from the storm\" is S (1/r − 1) at the measured ratio r: what the storm lost per connection, \
          the programs' hooks (the tracepoint's record, the cgroup and syscall-exit paths) and the caches the tracer shares included.\n\n\
          | configuration | target | allowed µs / conn | eBPF µs / conn | userspace µs / conn | spent µs / conn | predicted ratio | measured | taken from the storm µs / conn |\n\
@@ -1142,11 +1145,13 @@ fn ebpf_cost(
     let mut progs = Vec::new();
     let mut total = 0.0;
     let mut wire = 0.0;
-    for (name, runs, ns) in &r.prog_stats {
+    /// BPF_PROG_TYPE_SCHED_CLS: the wire's TC programs.
+    const SCHED_CLS: u64 = 3;
+    for (name, runs, ns, prog_type) in &r.prog_stats {
         let per_run = *ns as f64 / *runs as f64;
         let per_conn = *ns as f64 / r.conns.max(1) as f64;
         total += per_conn;
-        if name.starts_with("tcptrace_in") || name.starts_with("tcptrace_eg") {
+        if *prog_type == SCHED_CLS {
             wire += per_conn;
         }
         md.push_str(&format!(

@@ -94,27 +94,30 @@ pub struct Usage {
     pub user_s: f64,
     pub sys_s: f64,
     /// The highest `VmHWM` read while the child ran: its peak RSS but for
-    /// growth in its last few milliseconds.
-    pub maxrss_kb: u64,
+    /// growth in its last few milliseconds. None for a child that exited
+    /// before it could be read (its exit status says why).
+    pub maxrss_kb: Option<u64>,
     pub exit_ok: bool,
 }
 
 impl Usage {
     /// From wait4(2)'s status and rusage, and the peak RSS the caller read.
-    fn of(status: i32, ru: &libc::rusage, peak: &PeakRss) -> Result<Usage> {
+    fn of(status: i32, ru: &libc::rusage, peak: &PeakRss) -> Usage {
         let (user_s, sys_s) = times_s(ru);
-        Ok(Usage {
+        Usage {
             cpu_s: user_s + sys_s,
             user_s,
             sys_s,
-            maxrss_kb: peak.kb()?,
+            maxrss_kb: peak.kb,
             exit_ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        })
+        }
     }
 }
 
 /// A running child's peak RSS: `VmHWM` (the high-water mark of the mm it got
 /// at exec), read while it runs; the last read before it exits is the peak.
+/// (`spawn` returns once the child has exec'd, and its pid is ours until we
+/// reap it.)
 struct PeakRss {
     pid: i32,
     kb: Option<u64>,
@@ -130,11 +133,6 @@ impl PeakRss {
         if let Some(kb) = status_kb(self.pid, "VmHWM:") {
             self.kb = Some(self.kb.map_or(kb, |k| k.max(kb)));
         }
-    }
-
-    fn kb(&self) -> Result<u64> {
-        self.kb
-            .with_context(|| format!("no VmHWM read for process {} before it exited", self.pid))
     }
 }
 
@@ -223,10 +221,10 @@ pub fn run_to_end(bin: &Path, args: &[&str], out: &Path, err: &Path) -> Result<U
             _ => std::thread::sleep(Duration::from_millis(2)),
         }
     }
-    Usage::of(st, &ru, &peak)
+    Ok(Usage::of(st, &ru, &peak))
 }
 
-fn cpus_online() -> usize {
+pub fn cpus_online() -> usize {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).max(1) as usize
 }
@@ -375,10 +373,11 @@ impl Tracer {
                 self.reaped = true;
                 bail!("tracer {} ignored SIGINT for 60 s; killed", self.pid);
             }
-            std::thread::sleep(Duration::from_millis(10));
+            // Often enough that what the drain allocates last is seen.
+            std::thread::sleep(Duration::from_millis(2));
         }
         self.reaped = true;
-        Usage::of(st, &ru, &peak)
+        Ok(Usage::of(st, &ru, &peak))
     }
 
     pub fn kill(&mut self) {
@@ -409,9 +408,9 @@ impl Tracer {
     }
 
     /// The tracer's programs as the kernel counts them while
-    /// `kernel.bpf_stats_enabled` is 1: (name, runs, total run time ns) of
-    /// those that ran; none when the statistics are off.
-    pub fn prog_run_stats(&self) -> Vec<(String, u64, u64)> {
+    /// `kernel.bpf_stats_enabled` is 1: (name, runs, total run time ns,
+    /// program type) of those that ran; none when the statistics are off.
+    pub fn prog_run_stats(&self) -> Vec<(String, u64, u64, u64)> {
         let mut v: Vec<_> = self
             .prog_fdinfos()
             .iter()
@@ -422,6 +421,7 @@ impl Tracer {
                     info.name(),
                     info.field("run_cnt:"),
                     info.field("run_time_ns:"),
+                    info.field("prog_type:"),
                 )
             })
             .collect();

@@ -168,7 +168,10 @@ pub fn run(ctx: &Ctx, n: usize, rate: f64) -> Result<Scenario> {
     let duplicates = r.out.duplicates.unwrap_or(0);
     let unaccounted = expected as i64 - delivered as i64 - lost as i64 - missed as i64;
     let kb = |x: Option<u64>| x.unwrap_or(0);
-    let peak = r.usage.maxrss_kb;
+    let peak = r
+        .usage
+        .maxrss_kb
+        .context("the tracer exited before its RSS could be read")?;
     let per_conn_open =
         (kb(r.opened.rss_kb).saturating_sub(r.rss_base_kb)) as f64 * 1024.0 / r.conns as f64;
     let per_conn_peak = peak.saturating_sub(r.rss_base_kb) as f64 * 1024.0 / r.conns as f64;

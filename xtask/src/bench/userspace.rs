@@ -101,7 +101,7 @@ pub fn run(ctx: &Ctx, conns: usize, rounds: usize) -> Result<Scenario> {
         let wall_s = median(runs.iter().map(|r| r.wall_s).collect());
         let rss_mib = median(
             runs.iter()
-                .map(|r| r.usage.maxrss_kb as f64 / 1024.0)
+                .filter_map(|r| Some(r.usage.maxrss_kb? as f64 / 1024.0))
                 .collect(),
         );
         let out_mib = runs.first().map_or(0.0, |r| r.out_bytes as f64 / 1048576.0);
