@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::event::{Comm, Dir, Event, Family, Segment, StateChange, TcpOptions};
 use crate::matcher::{Anomaly, Connection, Observation, SocketStates, Step, TimeWait, Views};
-use crate::text::{decimal, Piece};
+use crate::text::{decimal, left_aligned, padded, with_text, Piece};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -52,56 +52,40 @@ impl Clock {
     /// `HH:MM:SS.uuuuuu` (UTC), as tcpdump prints with -tt converted.
     pub fn hms(&self, ts_ns: u64) -> Hms {
         let t = (ts_ns as i128 + self.offset_ns).max(0) as u128;
+        // In u64 for any time before 2554: u128's divisions are library
+        // calls, and this is once per event line.
+        let (day_secs, ns) = match u64::try_from(t) {
+            Ok(t) => ((t / 1_000_000_000) % 86_400, t % 1_000_000_000),
+            Err(_) => (
+                ((t / 1_000_000_000) % 86_400) as u64,
+                (t % 1_000_000_000) as u64,
+            ),
+        };
         Hms {
-            secs: t / 1_000_000_000,
-            us: (t % 1_000_000_000) / 1000,
+            day_secs,
+            us: ns / 1000,
         }
     }
 }
 
-/// A wall-clock time of day, printed without building a String first.
+/// A wall-clock time of day.
 pub struct Hms {
-    secs: u128,
-    us: u128,
-}
-
-impl fmt::Display for Hms {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut t = String::with_capacity(15);
-        self.append(&mut t);
-        f.write_str(&t)
-    }
+    day_secs: u64,
+    us: u64,
 }
 
 impl Piece for Hms {
     /// `HH:MM:SS.uuuuuu`.
     fn append(&self, t: &mut String) {
-        // Seconds of the day and microseconds of the second: both well
-        // inside u64, where u128's divisions are library calls.
-        let (s, us) = ((self.secs % 86_400) as u64, self.us as u64);
-        zero_padded(t, s / 3600, 2);
+        let s = self.day_secs;
+        padded(t, s / 3600, 2, '0');
         t.push(':');
-        zero_padded(t, (s / 60) % 60, 2);
+        padded(t, (s / 60) % 60, 2, '0');
         t.push(':');
-        zero_padded(t, s % 60, 2);
+        padded(t, s % 60, 2, '0');
         t.push('.');
-        zero_padded(t, us, 6);
+        padded(t, self.us, 6, '0');
     }
-}
-
-/// `v` in decimal, right-aligned in `width` columns filled with `fill`
-/// (as `{:>width$}` with ' ', `{:0width$}` with '0').
-fn padded(t: &mut String, v: u64, width: usize, fill: char) {
-    let mut d = [0; 20];
-    let n = decimal(v, &mut d);
-    for _ in n..width {
-        t.push(fill);
-    }
-    t.push_str(std::str::from_utf8(&d[..n]).unwrap_or_default());
-}
-
-fn zero_padded(t: &mut String, v: u64, width: usize) {
-    padded(t, v, width, '0');
 }
 
 /// Nanoseconds as milliseconds with three decimals, as `{:.3}` prints
@@ -118,62 +102,42 @@ fn millis3(t: &mut String, ns: u64) {
     let us = (ns + 500) / 1000;
     (us / 1000).append(t);
     t.push('.');
-    zero_padded(t, us % 1000, 3);
+    padded(t, us % 1000, 3, '0');
 }
 
-/// One line assembled in a String and written with one `write_all`: `fmt`
-/// goes through the formatter for every piece and padding, and `{:.3}`
-/// through float formatting, which made an event line cost more than a
-/// JSON one.
+/// One line assembled in a reused String and written with one
+/// `write_all` ([`with_text`]): `fmt` goes through the formatter for every
+/// piece and padding, and `{:.3}` through float formatting, which made an
+/// event line cost more than a JSON one.
 fn write_state_line<W: Write + ?Sized>(
     out: &mut W,
     s: &StateChange,
     clock: &Clock,
 ) -> io::Result<()> {
-    let mut t = String::with_capacity(128);
-    clock.hms(s.ts_ns).append(&mut t);
-    t.push(' ');
-    padded(&mut t, u64::from(s.pid), 7, ' ');
-    t.push(' ');
-    // As `{:<15}`: padded to 15 characters, not bytes.
-    let comm = s.comm.as_str();
-    t.push_str(&comm);
-    for _ in comm.chars().count()..15 {
+    with_text(out, |t| {
+        clock.hms(s.ts_ns).append(t);
         t.push(' ');
-    }
-    t.push(' ');
-    // SocketAddr prints `a:p` and `[a]:p`, as the user expects an endpoint.
-    SocketAddr::new(s.saddr, s.sport).append(&mut t);
-    t.push_str(" → ");
-    SocketAddr::new(s.daddr, s.dport).append(&mut t);
-    t.push_str("  ");
-    t.push_str(s.oldstate.name());
-    t.push_str(" → ");
-    t.push_str(s.newstate.name());
-    if s.prev_state_ns > 0 {
-        t.push_str("  (");
-        millis3(&mut t, s.prev_state_ns);
-        t.push_str(" ms in ");
+        padded(t, u64::from(s.pid), 7, ' ');
+        t.push(' ');
+        left_aligned(t, &s.comm.as_str(), 15);
+        t.push(' ');
+        // SocketAddr prints `a:p` and `[a]:p`, as the user expects an endpoint.
+        SocketAddr::new(s.saddr, s.sport).append(t);
+        t.push_str(" → ");
+        SocketAddr::new(s.daddr, s.dport).append(t);
+        t.push_str("  ");
         t.push_str(s.oldstate.name());
-        t.push(')');
-    }
-    t.push('\n');
-    out.write_all(t.as_bytes())
-}
-
-/// An address as `Display` prints it (IPv4 without the formatter).
-fn ip_text(t: &mut String, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(a) => {
-            let mut d = [0; 16];
-            let n = crate::text::ipv4(a, &mut d);
-            t.push_str(std::str::from_utf8(&d[..n]).unwrap_or_default());
+        t.push_str(" → ");
+        t.push_str(s.newstate.name());
+        if s.prev_state_ns > 0 {
+            t.push_str("  (");
+            millis3(t, s.prev_state_ns);
+            t.push_str(" ms in ");
+            t.push_str(s.oldstate.name());
+            t.push(')');
         }
-        IpAddr::V6(_) => {
-            use std::fmt::Write as _;
-            let _ = write!(t, "{ip}");
-        }
-    }
+        t.push('\n');
+    })
 }
 
 /// tcpdump's one-line form, absolute sequence numbers (`-S`); assembled as
@@ -183,47 +147,42 @@ fn write_segment_line<W: Write + ?Sized>(
     s: &Segment,
     clock: &Clock,
 ) -> io::Result<()> {
-    let mut t = String::with_capacity(160);
-    clock.hms(s.ts_ns).append(&mut t);
-    t.push(' ');
-    t.push_str(s.iface.as_deref().unwrap_or("-"));
-    t.push(' ');
-    // As `{:<7}`.
-    let dir = dir_word(s);
-    t.push_str(dir);
-    for _ in dir.len()..7 {
+    with_text(out, |t| {
+        clock.hms(s.ts_ns).append(t);
         t.push(' ');
-    }
-    t.push_str(if s.saddr.is_ipv4() { " IP " } else { " IP6 " });
-    ip_text(&mut t, s.saddr);
-    t.push('.');
-    u64::from(s.sport).append(&mut t);
-    t.push_str(" > ");
-    ip_text(&mut t, s.daddr);
-    t.push('.');
-    u64::from(s.dport).append(&mut t);
-    t.push_str(": Flags [");
-    t.push_str(s.flags.tcpdump(&mut [0; 8]));
-    t.push_str("], seq ");
-    s.seq.append(&mut t);
-    if s.len > 0 {
-        t.push(':');
-        s.seq.wrapping_add(s.len).append(&mut t);
-    }
-    if s.flags.ack() {
-        t.push_str(", ack ");
-        s.ack.append(&mut t);
-    }
-    t.push_str(", win ");
-    u64::from(s.win).append(&mut t);
-    if !s.options.is_empty() {
-        use std::fmt::Write as _;
-        let _ = write!(t, ", options [{}]", s.options);
-    }
-    t.push_str(", length ");
-    s.len.append(&mut t);
-    t.push('\n');
-    out.write_all(t.as_bytes())
+        t.push_str(s.iface.as_deref().unwrap_or("-"));
+        t.push(' ');
+        left_aligned(t, dir_word(s), 7);
+        t.push_str(if s.saddr.is_ipv4() { " IP " } else { " IP6 " });
+        s.saddr.append(t);
+        t.push('.');
+        u64::from(s.sport).append(t);
+        t.push_str(" > ");
+        s.daddr.append(t);
+        t.push('.');
+        u64::from(s.dport).append(t);
+        t.push_str(": Flags [");
+        t.push_str(s.flags.tcpdump(&mut [0; 8]));
+        t.push_str("], seq ");
+        s.seq.append(t);
+        if s.len > 0 {
+            t.push(':');
+            s.seq.wrapping_add(s.len).append(t);
+        }
+        if s.flags.ack() {
+            t.push_str(", ack ");
+            s.ack.append(t);
+        }
+        t.push_str(", win ");
+        u64::from(s.win).append(t);
+        if !s.options.is_empty() {
+            use std::fmt::Write as _;
+            let _ = write!(t, ", options [{}]", s.options);
+        }
+        t.push_str(", length ");
+        s.len.append(t);
+        t.push('\n');
+    })
 }
 
 fn dir_word(s: &Segment) -> &'static str {

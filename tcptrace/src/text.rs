@@ -3,7 +3,9 @@
 //! through a formatter for every piece; for the wire steps' explanations
 //! ("y = 2739126410: the server accepts, …") that was an eighth of what
 //! `tcptrace pcap --json` cost, two fifths of the analysis.
-use std::net::{Ipv4Addr, SocketAddr};
+use std::cell::RefCell;
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 /// `v` in decimal, left-aligned in `d`; returns the number of digits.
 pub fn decimal(mut v: u64, d: &mut [u8; 20]) -> usize {
@@ -88,6 +90,50 @@ pub fn ipv4(ip: Ipv4Addr, d: &mut [u8; 16]) -> usize {
     len - 1
 }
 
+/// `v` in decimal, right-aligned in `width` columns filled with `fill`
+/// (as `{:>width$}` with ' ', `{:0width$}` with '0').
+pub fn padded(t: &mut String, v: u64, width: usize, fill: char) {
+    let mut d = [0; 20];
+    let n = decimal(v, &mut d);
+    for _ in n..width {
+        t.push(fill);
+    }
+    t.push_str(std::str::from_utf8(&d[..n]).unwrap_or_default());
+}
+
+/// `s` left-aligned in `width` characters (as `{:<width$}`: characters,
+/// not bytes).
+pub fn left_aligned(t: &mut String, s: &str, width: usize) {
+    t.push_str(s);
+    for _ in s.chars().count()..width {
+        t.push(' ');
+    }
+}
+
+thread_local! {
+    /// The text being assembled; see [`with_text`].
+    static TEXT: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Assembles a text in this thread's reused buffer (no allocation per line)
+/// and hands it to `out` with one `write_all`, so that it reaches the
+/// writer whole.
+pub fn with_text<W: Write + ?Sized>(
+    out: &mut W,
+    build: impl FnOnce(&mut String),
+) -> io::Result<()> {
+    TEXT.with_borrow_mut(|t| {
+        t.clear();
+        build(t);
+        let res = out.write_all(t.as_bytes());
+        // A rare huge timeline gives its memory back.
+        if t.capacity() > 1 << 20 {
+            *t = String::new();
+        }
+        res
+    })
+}
+
 /// `format!` for texts made of string pieces and unsigned numbers (see
 /// [`Piece`]), in one `String` sized up front:
 /// `text!["y = ", seq, ": the server accepts"]`.
@@ -137,6 +183,23 @@ impl Piece for usize {
     }
 }
 
+/// As `Display` prints it; IPv4 without the formatter.
+impl Piece for IpAddr {
+    fn append(&self, t: &mut String) {
+        match self {
+            IpAddr::V4(a) => {
+                let mut d = [0; 16];
+                let n = ipv4(*a, &mut d);
+                t.push_str(std::str::from_utf8(&d[..n]).unwrap_or_default());
+            }
+            IpAddr::V6(_) => {
+                use std::fmt::Write as _;
+                let _ = write!(t, "{self}");
+            }
+        }
+    }
+}
+
 /// As `Display` prints it. IPv4 is written piece by piece: nearly every
 /// connection's TIME_WAIT detail names both ends, and `Display` goes
 /// through the formatter for each octet and the port.
@@ -147,9 +210,7 @@ impl Piece for SocketAddr {
             let _ = write!(t, "{self}");
             return;
         };
-        let mut d = [0; 16];
-        let n = ipv4(*a.ip(), &mut d);
-        t.push_str(std::str::from_utf8(&d[..n]).unwrap_or_default());
+        IpAddr::V4(*a.ip()).append(t);
         t.push(':');
         u64::from(a.port()).append(t);
     }

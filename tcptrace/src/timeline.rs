@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use std::io::{self, Write};
 
 use crate::matcher::{Close, Connection, Side, Step, StepKind};
-use crate::text::{decimal, Piece};
+use crate::text::{decimal, left_aligned, padded, with_text, Piece};
 
 const INDENT: &str = "                                ";
 
@@ -30,11 +30,7 @@ fn rel_ms(t: &mut String, ns: u64, width: usize) {
     }
     t.push_str(std::str::from_utf8(&d[..n]).unwrap_or_default());
     t.push('.');
-    let n = decimal((ns / 1000) % 1000, &mut d);
-    for _ in n..3 {
-        t.push('0');
-    }
-    t.push_str(std::str::from_utf8(&d[..n]).unwrap_or_default());
+    padded(t, (ns / 1000) % 1000, 3, '0');
     t.push_str(" ms");
 }
 
@@ -142,20 +138,11 @@ fn side_col(s: Option<Side>) -> &'static str {
     s.map_or("?", Side::name)
 }
 
-/// `s` left-aligned in `width` characters (as `{:<width$}`).
-fn left_aligned(t: &mut String, s: &str, width: usize) {
-    t.push_str(s);
-    for _ in s.chars().count()..width {
-        t.push(' ');
-    }
-}
-
 /// Writes the whole timeline of `conn`, with one `write_all`: the lines
-/// are assembled in one String, without a `format!` allocation per piece.
+/// are assembled in one String ([`with_text`]), without a `format!`
+/// allocation per piece.
 pub fn render<W: Write + ?Sized>(conn: &Connection, out: &mut W) -> io::Result<()> {
-    let mut t = String::with_capacity(256 * (conn.steps.len() + 4));
-    write_timeline(&mut t, conn);
-    out.write_all(t.as_bytes())
+    with_text(out, |t| write_timeline(t, conn))
 }
 
 fn write_timeline(t: &mut String, conn: &Connection) {
